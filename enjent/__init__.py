@@ -1,0 +1,55 @@
+"""Enjent: a WebSocket server (RFC 6455) for Python.
+
+Write the handlers once; run them in one process (the embedded default) or
+in one uvloop worker per core behind a supervisor, as one logical server.
+
+>>> from enjent import WebSocketServer
+>>> server = WebSocketServer()
+>>> @server.on_message
+... def echo(client, message):
+...     client.send(message)
+"""
+
+from __future__ import annotations
+
+from .client import WebSocketClient
+from .exceptions import (
+    BusError,
+    ConnectionClosedError,
+    EnjentError,
+    HandshakeRejected,
+    ProtocolError,
+    WebSocketNegotiationError,
+    WebSocketServerError,
+)
+from .frames import CloseCode, Opcode
+from .http11 import Headers, Request
+from .protocol import Close, Ping, Pong
+from .rooms import Room, RoomUnion
+from .server import Accept, Response, WebSocketServer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accept",
+    "BusError",
+    "Close",
+    "CloseCode",
+    "ConnectionClosedError",
+    "EnjentError",
+    "HandshakeRejected",
+    "Headers",
+    "Opcode",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Request",
+    "Response",
+    "Room",
+    "RoomUnion",
+    "WebSocketClient",
+    "WebSocketNegotiationError",
+    "WebSocketServer",
+    "WebSocketServerError",
+    "__version__",
+]

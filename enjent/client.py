@@ -1,0 +1,139 @@
+"""The application's view of one connected client: :class:`WebSocketClient`.
+
+Server layer (layer 2 of DESIGN.md). The Python form of the original's
+``WebSocketClient``: an id, the initial request, ``send`` returning a bool,
+rooms. Subclass it (``WebSocketServer(client_class=...)``) or build it with a
+factory (``client_factory=...``, the original's ClientInitializationStrategy).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from .frames import CloseCode
+from .http11 import Request
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .server import WebSocketServer
+
+__all__ = ["WebSocketClient"]
+
+
+class WebSocketClient:
+    """A client connected to this server (on this process).
+
+    Attributes set by the server once the handshake succeeds:
+
+    - ``id``: unique across the cluster (it names the worker that owns it);
+    - ``connected_at``: UNIX time of the handshake;
+    - ``request``: the :class:`~enjent.Request` of the opening handshake;
+    - ``subprotocol``: the negotiated subprotocol, or ``None``;
+    - ``data``: whatever the ``on_handshake`` hook attached (default ``None``).
+
+    A subclass may add attributes; declare them in ``__slots__`` to keep
+    memory per connection low.
+    """
+
+    __slots__ = (
+        "_connection",
+        "_rooms",
+        "_server",
+        "connected_at",
+        "data",
+        "id",
+        "request",
+        "subprotocol",
+    )
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.id = ""
+        self.connected_at = time.time()
+        self.subprotocol: str | None = None
+        self.data: Any = None
+        self._connection: Connection | None = None
+        self._server: WebSocketServer | None = None
+        self._rooms: set[str] | None = None
+
+    # ------------------------------------------------------------- identity
+
+    @property
+    def remote_address(self) -> str | None:
+        """The client's IP address.
+
+        ``X-Forwarded-For`` (its rightmost address not itself a trusted
+        proxy) or ``X-Real-Ip`` are honoured only when the TCP peer is one of
+        the server's ``trusted_proxies``.
+        """
+        server = self._server
+        peer = self.request.remote_address
+        host = peer[0] if peer else None
+        if server is None or host is None:
+            return host
+        return server._client_address(host, self.request.headers)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether messages can still be sent to this client."""
+        connection = self._connection
+        return connection is not None and connection.is_open()
+
+    # ------------------------------------------------------------- messages
+
+    def send(self, data: str | bytes | bytearray | memoryview) -> bool:
+        """Queue a message (text for ``str``, binary otherwise); never blocks.
+
+        Returns ``False`` when the client is closed or is a slow consumer
+        over its ``write_limit`` (the server then closes it with 1008).
+        """
+        connection = self._connection
+        if connection is None:
+            return False
+        return connection.send_message(data)
+
+    def drain(self) -> Awaitable[None]:
+        """Wait until the write buffer is below the server's low-water mark."""
+        connection = self._connection
+        if connection is None:
+            from .exceptions import ConnectionClosedError
+
+            raise ConnectionClosedError(f"client {self.id} is not connected")
+        return connection.drain()
+
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Start the closing handshake (non-blocking); ``on_disconnect`` follows."""
+        connection = self._connection
+        if connection is not None:
+            connection.close_websocket(code, reason)
+
+    # ---------------------------------------------------------------- rooms
+
+    def join(self, name: str) -> None:
+        """Join the room ``name`` (created on first use)."""
+        if self._server is None:
+            raise RuntimeError("join() needs a client connected to a server")
+        rooms = self._rooms
+        if rooms is None:
+            rooms = self._rooms = set()
+        if name not in rooms:
+            rooms.add(name)
+            self._server._room_join(self, name)
+
+    def leave(self, name: str) -> None:
+        """Leave the room ``name``; a no-op if not a member."""
+        rooms = self._rooms
+        if rooms and name in rooms:
+            rooms.discard(name)
+            assert self._server is not None
+            self._server._room_leave(self, name)
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The names of the rooms this client is in."""
+        return frozenset(self._rooms) if self._rooms else frozenset()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.request.path!r}>"

@@ -1,0 +1,117 @@
+"""The WebSocket opening handshake, server side (RFC 6455 §4.2).
+
+Protocol core (layer 1 of DESIGN.md): checks a parsed :class:`Request` and
+builds the ``101 Switching Protocols`` response; no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterable, Sequence
+
+from .exceptions import WebSocketNegotiationError
+from .http11 import Request, encode_response
+
+__all__ = [
+    "accept_key",
+    "accept_response",
+    "is_upgrade_request",
+    "offered_subprotocols",
+    "select_subprotocol",
+    "validate_upgrade",
+]
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 §4.2.2)."""
+    digest = hashlib.sha1(key.encode("ascii") + _GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def is_upgrade_request(request: Request) -> bool:
+    """Whether the client asks for a WebSocket upgrade at all.
+
+    A plain HTTP request (no ``Upgrade: websocket``) gets 426 or the health
+    path's answer rather than a handshake error.
+    """
+    return "websocket" in request.headers.get_tokens("Upgrade")
+
+
+def validate_upgrade(request: Request) -> str:
+    """Check the client's handshake (RFC 6455 §4.2.1); return its key.
+
+    Raises :class:`WebSocketNegotiationError` with 400 for a malformed
+    request and 426 (with ``Sec-WebSocket-Version: 13``) for another version.
+    """
+    headers = request.headers
+    if "Host" not in headers:
+        raise WebSocketNegotiationError(400, "missing Host header")
+    if not is_upgrade_request(request):
+        raise WebSocketNegotiationError(
+            426,
+            "this is a WebSocket endpoint: send Upgrade: websocket",
+            headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")],
+        )
+    if "upgrade" not in headers.get_tokens("Connection"):
+        raise WebSocketNegotiationError(400, "the Connection header must include Upgrade")
+    versions = headers.get_all("Sec-WebSocket-Version")
+    if versions != ["13"]:
+        raise WebSocketNegotiationError(
+            426,
+            "unsupported WebSocket version, use 13",
+            headers=[("Sec-WebSocket-Version", "13")],
+        )
+    keys = headers.get_all("Sec-WebSocket-Key")
+    if len(keys) != 1:
+        raise WebSocketNegotiationError(400, "exactly one Sec-WebSocket-Key is required")
+    key = keys[0]
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise WebSocketNegotiationError(400, "Sec-WebSocket-Key is not base64 of 16 bytes")
+    return key
+
+
+def offered_subprotocols(request: Request) -> list[str]:
+    """The subprotocols the client offers, in its order of preference."""
+    return [
+        token.strip()
+        for value in request.headers.get_all("Sec-WebSocket-Protocol")
+        for token in value.split(",")
+        if token.strip()
+    ]
+
+
+def select_subprotocol(offered: Sequence[str], supported: Sequence[str]) -> str | None:
+    """The first of the server's ``supported`` subprotocols the client offered."""
+    for name in supported:
+        if name in offered:
+            return name
+    return None
+
+
+def accept_response(
+    key: str,
+    *,
+    subprotocol: str | None = None,
+    extensions: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """The ``101 Switching Protocols`` response (RFC 6455 §4.2.2)."""
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept_key(key)),
+    ]
+    if subprotocol:
+        headers.append(("Sec-WebSocket-Protocol", subprotocol))
+    if extensions:
+        headers.append(("Sec-WebSocket-Extensions", extensions))
+    headers.extend(extra_headers)
+    return encode_response(101, headers)

@@ -1,0 +1,292 @@
+"""HTTP/1.1 for the opening handshake: request parsing and responses.
+
+Protocol core (layer 1 of DESIGN.md): bytes in, a :class:`Request` out;
+no I/O. Parsing is size-limited (RFC 9112 §2.3, §5) so that a hostile client
+costs at most ``max_request_size`` bytes of buffer before it is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from .exceptions import WebSocketNegotiationError
+
+__all__ = [
+    "Headers",
+    "MultiDict",
+    "Request",
+    "encode_response",
+    "error_response",
+    "parse_request",
+]
+
+#: RFC 9110 §5.6.2: a token (header names, methods).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Header values may not carry control characters other than tab (RFC 9110 §5.5).
+_BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_END_OF_HEAD = b"\r\n\r\n"
+
+
+class MultiDict:
+    """An ordered multimap of strings; ``[name]`` gives the first value.
+
+    ``get_all(name)`` gives every value, in order. With ``case_insensitive``
+    (headers) names are compared without case but kept as received.
+    """
+
+    __slots__ = ("_case_insensitive", "_items")
+
+    def __init__(
+        self, items: Iterable[tuple[str, str]] = (), *, case_insensitive: bool = False
+    ) -> None:
+        self._case_insensitive = case_insensitive
+        self._items: list[tuple[str, str]] = list(items)
+
+    def _key(self, name: str) -> str:
+        return name.lower() if self._case_insensitive else name
+
+    def __getitem__(self, name: str) -> str:
+        key = self._key(name)
+        for item_name, value in self._items:
+            if self._key(item_name) == key:
+                return value
+        raise KeyError(name)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def get_all(self, name: str) -> list[str]:
+        key = self._key(name)
+        return [value for item_name, value in self._items if self._key(item_name) == key]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = self._key(name)
+        return any(self._key(item_name) == key for item_name, _ in self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for name, _ in self._items:
+            key = self._key(name)
+            if key not in seen:
+                seen.add(key)
+                yield name
+
+    def __len__(self) -> int:
+        return len({self._key(name) for name, _ in self._items})
+
+    def items(self) -> list[tuple[str, str]]:
+        """Every (name, value) pair, repeated names included, in order."""
+        return list(self._items)
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((name, value))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MultiDict):
+            return self._items == other._items
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._items!r})"
+
+
+class Headers(MultiDict):
+    """HTTP header fields: case-insensitive names, repeated fields kept."""
+
+    __slots__ = ()
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(items, case_insensitive=True)
+
+    def get_tokens(self, name: str) -> list[str]:
+        """The comma-separated, lower-cased tokens of every ``name`` field."""
+        return [
+            token.strip().lower()
+            for value in self.get_all(name)
+            for token in value.split(",")
+            if token.strip()
+        ]
+
+
+class Request:
+    """An HTTP/1.1 request, as received in the opening handshake.
+
+    ``path`` is percent-decoded and excludes the query string; ``query``
+    holds the query string parsed (repeated keys kept); ``cookies`` the
+    ``Cookie`` header parsed. ``remote_address`` is filled in by the server.
+    """
+
+    __slots__ = (
+        "cookies",
+        "headers",
+        "method",
+        "path",
+        "query",
+        "query_string",
+        "remote_address",
+        "target",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        *,
+        version: str = "HTTP/1.1",
+        remote_address: tuple[str, int] | None = None,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        raw_path, _, self.query_string = target.partition("?")
+        self.path = unquote(raw_path)
+        self.query = MultiDict(parse_qsl(self.query_string, keep_blank_values=True))
+        self.cookies = _parse_cookies(headers.get_all("Cookie"))
+        self.remote_address = remote_address
+
+    @property
+    def url(self) -> str:
+        """The request target as sent (path and query string)."""
+        return self.target
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target}>"
+
+
+def _parse_cookies(fields: list[str]) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for field in fields:
+        for pair in field.split(";"):
+            name, sep, value = pair.partition("=")
+            name = name.strip()
+            if sep and name:
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                cookies.setdefault(name, value)
+    return cookies
+
+
+def parse_request(
+    data: bytes | bytearray,
+    *,
+    max_request_line: int = 8192,
+    max_request_size: int = 16384,
+    max_headers: int = 100,
+) -> tuple[Request, int] | None:
+    """Parse the head of an HTTP/1.1 request from the start of ``data``.
+
+    Returns ``(request, consumed)`` once the head is complete, ``None`` while
+    more bytes are needed. Raises :class:`WebSocketNegotiationError` with
+    400 (malformed), 405 (not GET), 414 (request line too long), 431 (head too
+    large, or too many fields) or 505 (not HTTP/1.1).
+    """
+    end = data.find(_END_OF_HEAD, 0, max_request_size + 4)
+    if end < 0:
+        line_end = data.find(b"\r\n", 0, max_request_line + 2)
+        if line_end < 0 and len(data) > max_request_line:
+            raise WebSocketNegotiationError(414, "request line too long")
+        if len(data) > max_request_size:
+            raise WebSocketNegotiationError(431, "request header fields too large")
+        return None
+    head = bytes(data[:end])
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    if len(request_line) > max_request_line:
+        raise WebSocketNegotiationError(414, "request line too long")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
+        raise WebSocketNegotiationError(400, "malformed request line")
+    method_bytes, target_bytes, version_bytes = parts
+    if not version_bytes.startswith(b"HTTP/"):
+        raise WebSocketNegotiationError(400, "malformed request line")
+    if version_bytes != b"HTTP/1.1":
+        raise WebSocketNegotiationError(505, "only HTTP/1.1 can upgrade to WebSocket")
+    if not target_bytes or any(c <= 0x20 or c >= 0x7F for c in target_bytes):
+        raise WebSocketNegotiationError(400, "malformed request target")
+    if len(lines) - 1 > max_headers:
+        raise WebSocketNegotiationError(431, f"more than {max_headers} header fields")
+    fields: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise WebSocketNegotiationError(400, "malformed header field")
+        text = value.decode("latin-1").strip(" \t")
+        if _BAD_VALUE_CHARS.search(text):
+            raise WebSocketNegotiationError(400, "control character in a header value")
+        fields.append((name.decode("ascii"), text))
+    method = method_bytes.decode("ascii")
+    if method != "GET":
+        raise WebSocketNegotiationError(
+            405, f"method {method} not allowed, use GET", headers=[("Allow", "GET")]
+        )
+    target = target_bytes.decode("ascii")
+    if not target.startswith("/"):
+        raise WebSocketNegotiationError(400, "the request target must be a path")
+    request = Request(method, target, Headers(fields), version="HTTP/1.1")
+    return request, end + len(_END_OF_HEAD)
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a response header that could split the response (CR/LF injection)."""
+    if not _TOKEN.fullmatch(name.encode("latin-1", "replace")):
+        raise ValueError(f"invalid header name {name!r}")
+    if _BAD_VALUE_CHARS.search(value):
+        raise ValueError(f"header {name} has a control character (CR/LF injection?)")
+
+
+def encode_response(
+    status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b""
+) -> bytes:
+    """Serialize a response head and body; header values are checked first."""
+    phrase = HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {phrase}"]
+    for name, value in headers:
+        check_header(name, value)
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def error_response(error: WebSocketNegotiationError, *, server: str | None = None) -> bytes:
+    """The response that answers a refused handshake; the connection then closes."""
+    headers: list[tuple[str, str]] = []
+    names = {name.lower() for name, _ in error.headers}
+    if "content-type" not in names:
+        headers.append(("Content-Type", "text/plain; charset=utf-8"))
+    headers.append(("Content-Length", str(len(error.body))))
+    headers.append(("Connection", "close"))
+    if server:
+        headers.append(("Server", server))
+    headers.extend(error.headers)
+    return encode_response(int(error.status), headers, error.body)
+
+
+def json_response(status: int, payload: Any) -> bytes:
+    """A small JSON response (the health path), closing the connection."""
+    import json
+
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return encode_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ],
+        body,
+    )

@@ -1,0 +1,403 @@
+"""The per-connection WebSocket state machine, server side (RFC 6455 §5-§7).
+
+Protocol core (layer 1 of DESIGN.md): bytes in, events and bytes out, no I/O.
+:meth:`ServerProtocol.receive_data` parses every complete frame of a read in
+one pass, answers pings, runs the close handshake and validates UTF-8; bytes
+to write accumulate in :attr:`ServerProtocol.pending`, which the I/O layer
+joins into one write per read. A protocol error never escapes: it becomes a
+close frame and a :class:`Close` event.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+from dataclasses import dataclass
+from typing import Protocol, TypeAlias
+
+from .exceptions import ProtocolError
+from .frames import (
+    MAX_CONTROL_PAYLOAD,
+    CloseCode,
+    Opcode,
+    encode_close_payload,
+    encode_frame,
+    parse_close_payload,
+)
+from .mask import apply_mask
+
+__all__ = [
+    "Close",
+    "Event",
+    "Extension",
+    "Ping",
+    "Pong",
+    "ServerProtocol",
+    "State",
+]
+
+
+class State(enum.IntEnum):
+    """Connection states after the opening handshake (RFC 6455 §4, §7)."""
+
+    OPEN = 1
+    CLOSING = 2  # we sent a close frame and wait for the peer's
+    CLOSED = 3  # the close handshake is over (or the connection failed)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """The peer sent a ping; the pong is already queued (RFC 6455 §5.5.2)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The peer sent a pong (RFC 6455 §5.5.3)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The connection is closed at the WebSocket level; close the transport.
+
+    ``code``/``reason`` are the peer's close frame when it sent one, or what
+    we failed the connection with (``failed`` is then true).
+    """
+
+    code: int
+    reason: str
+    failed: bool = False
+
+
+#: Messages arrive as ``str`` (text) or ``bytes`` (binary); other events
+#: are the small frozen dataclasses above.
+Event: TypeAlias = "str | bytes | Ping | Pong | Close"
+
+
+class Extension(Protocol):
+    """What the state machine needs of a negotiated extension (RSV1 only)."""
+
+    def decode(self, payload: bytes, *, fin: bool, compressed: bool) -> bytes: ...
+
+    def max_message_size_exceeded(self) -> bool: ...
+
+
+_UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
+_OPCODE_TEXT = Opcode.TEXT.value
+_OPCODE_BINARY = Opcode.BINARY.value
+_OPCODE_CONT = Opcode.CONTINUATION.value
+_OPCODE_CLOSE = Opcode.CLOSE.value
+_OPCODE_PING = Opcode.PING.value
+_OPCODE_PONG = Opcode.PONG.value
+
+
+class ServerProtocol:
+    """The server side of one WebSocket connection, after the handshake.
+
+    ``max_message_size`` bounds a message (all its fragments, after
+    decompression); a bigger one fails the connection with 1009 before its
+    payload is buffered.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_close_frame",
+        "_decoder",
+        "_frag_compressed",
+        "_frag_opcode",
+        "_frag_size",
+        "_fragments",
+        "_need",
+        "close_code",
+        "close_reason",
+        "extension",
+        "max_message_size",
+        "pending",
+        "state",
+    )
+
+    def __init__(
+        self, *, max_message_size: int = 1 << 20, extension: Extension | None = None
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.extension = extension
+        self.state = State.OPEN
+        #: Frames to write, in order; the I/O layer joins and clears it.
+        self.pending: list[bytes] = []
+        #: Our close frame once the read that ended the connection is parsed;
+        #: written after the answers to the messages that read delivered.
+        self._close_frame: bytes | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._buffer: bytearray | None = None  # a partial frame, only while one is
+        self._need = 0  # bytes the partial frame needs before parsing can go on
+        self._frag_opcode = 0  # opcode of the fragmented message in progress, 0: none
+        self._frag_size = 0
+        self._frag_compressed = False
+        self._fragments: list[bytes] | list[str] = []
+        self._decoder: codecs.IncrementalDecoder | None = None
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes read from the peer; return the events they complete."""
+        if self.state is State.CLOSED:
+            return []
+        buffer = self._buffer
+        if buffer is not None:
+            buffer += data
+            if len(buffer) < self._need:
+                return []
+            data = bytes(buffer)
+            self._buffer = None
+        events: list[Event] = []
+        try:
+            consumed = self._parse(data, events)
+        except ProtocolError as exc:
+            events.append(self._fail(exc.close_code, str(exc)))
+            return events
+        if consumed < len(data) and not self.is_closed():
+            self._buffer = bytearray(memoryview(data)[consumed:])
+        return events
+
+    def _parse(self, data: bytes, events: list[Event]) -> int:
+        """Parse every complete frame of ``data``; return the bytes consumed."""
+        view = memoryview(data)
+        end = len(data)
+        pos = 0
+        max_size = self.max_message_size
+        while end - pos >= 2:
+            first = data[pos]
+            second = data[pos + 1]
+            length = second & 0x7F
+            if length < 126:
+                header = 6
+            elif length == 126:
+                if end - pos < 4:
+                    self._need = 4
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                header = 8
+            else:
+                if end - pos < 10:
+                    self._need = 10
+                    break
+                length = int.from_bytes(view[pos + 2 : pos + 10], "big")
+                if length >> 63:
+                    raise ProtocolError(CloseCode.PROTOCOL_ERROR, "64-bit length with MSB set")
+                header = 14
+            if not second & 0x80:
+                raise ProtocolError(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
+            opcode = first & 0x0F
+            fin = first & 0x80
+            rsv = first & 0x70
+            compressed = False
+            if opcode < 8:
+                if opcode == _OPCODE_CONT:
+                    if not self._frag_opcode:
+                        raise ProtocolError(
+                            CloseCode.PROTOCOL_ERROR, "continuation frame without a message"
+                        )
+                    compressed = self._frag_compressed
+                    if rsv:
+                        raise ProtocolError(
+                            CloseCode.PROTOCOL_ERROR, "RSV bits set on a continuation frame"
+                        )
+                elif opcode == _OPCODE_TEXT or opcode == _OPCODE_BINARY:
+                    if self._frag_opcode:
+                        raise ProtocolError(
+                            CloseCode.PROTOCOL_ERROR, "new message inside a fragmented message"
+                        )
+                    if rsv:
+                        if rsv != 0x40 or self.extension is None:
+                            raise ProtocolError(
+                                CloseCode.PROTOCOL_ERROR, "RSV bits set without an extension"
+                            )
+                        compressed = True
+                else:
+                    raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
+                if self._frag_size + length > max_size:
+                    raise ProtocolError(
+                        CloseCode.MESSAGE_TOO_BIG,
+                        f"message over the limit of {max_size} bytes",
+                    )
+            else:
+                if rsv:
+                    raise ProtocolError(CloseCode.PROTOCOL_ERROR, "RSV bits set on a control frame")
+                if opcode > _OPCODE_PONG:
+                    raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
+                if not fin:
+                    raise ProtocolError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
+                if length > MAX_CONTROL_PAYLOAD:
+                    raise ProtocolError(
+                        CloseCode.PROTOCOL_ERROR, "control frame payload over 125 bytes"
+                    )
+            stop = pos + header + length
+            if stop > end:
+                self._need = stop - pos
+                break
+            payload = apply_mask(view[pos + header : stop], data[pos + header - 4 : pos + header])
+            pos = stop
+
+            if opcode == _OPCODE_TEXT or opcode == _OPCODE_BINARY:
+                if compressed:
+                    payload = self._inflate(payload, fin=bool(fin))
+                if fin:
+                    if opcode == _OPCODE_TEXT:
+                        try:
+                            events.append(payload.decode("utf-8"))
+                        except UnicodeDecodeError:
+                            raise ProtocolError(
+                                CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
+                            ) from None
+                    else:
+                        events.append(payload)
+                else:
+                    self._start_fragments(opcode, payload, compressed)
+            elif opcode == _OPCODE_CONT:
+                if compressed:
+                    payload = self._inflate(payload, fin=bool(fin))
+                message = self._add_fragment(payload, bool(fin))
+                if message is not None:
+                    events.append(message)
+            elif opcode == _OPCODE_PING:
+                if self.state is State.OPEN:
+                    self.pending.append(encode_frame(_OPCODE_PONG, payload))
+                events.append(Ping(payload))
+            elif opcode == _OPCODE_PONG:
+                events.append(Pong(payload))
+            else:
+                events.append(self._receive_close(payload))
+                return pos
+        else:
+            self._need = 2
+        return pos
+
+    def _inflate(self, payload: bytes, *, fin: bool) -> bytes:
+        extension = self.extension
+        assert extension is not None
+        try:
+            payload = extension.decode(payload, fin=fin, compressed=True)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # zlib.error and friends: bad compressed data
+            raise ProtocolError(
+                CloseCode.INVALID_PAYLOAD_DATA, f"cannot decompress the message: {exc}"
+            ) from None
+        if extension.max_message_size_exceeded() or (
+            self._frag_size + len(payload) > self.max_message_size
+        ):
+            raise ProtocolError(
+                CloseCode.MESSAGE_TOO_BIG,
+                f"message over the limit of {self.max_message_size} bytes once decompressed",
+            )
+        return payload
+
+    def _start_fragments(self, opcode: int, payload: bytes, compressed: bool) -> None:
+        self._frag_opcode = opcode
+        self._frag_compressed = compressed
+        self._frag_size = len(payload)
+        if opcode == _OPCODE_TEXT:
+            decoder = _UTF8_DECODER("strict")
+            self._decoder = decoder
+            self._fragments = [self._decode_fragment(decoder, payload, False)]
+        else:
+            self._fragments = [payload]
+
+    def _add_fragment(self, payload: bytes, fin: bool) -> str | bytes | None:
+        self._frag_size += len(payload)
+        decoder = self._decoder
+        message: str | bytes | None = None
+        if decoder is not None:
+            text_parts: list[str] = self._fragments  # type: ignore[assignment]
+            text_parts.append(self._decode_fragment(decoder, payload, fin))
+            if fin:
+                message = "".join(text_parts)
+        else:
+            binary_parts: list[bytes] = self._fragments  # type: ignore[assignment]
+            binary_parts.append(payload)
+            if fin:
+                message = b"".join(binary_parts)
+        if fin:
+            self._frag_opcode = 0
+            self._frag_size = 0
+            self._frag_compressed = False
+            self._fragments = []
+            self._decoder = None
+        return message
+
+    @staticmethod
+    def _decode_fragment(decoder: codecs.IncrementalDecoder, payload: bytes, fin: bool) -> str:
+        """Decode a fragment, failing on the first invalid byte (RFC 6455 §8.1)."""
+        try:
+            return decoder.decode(payload, fin)
+        except UnicodeDecodeError:
+            raise ProtocolError(
+                CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
+            ) from None
+
+    def _receive_close(self, payload: bytes) -> Close:
+        """The peer's close frame (RFC 6455 §5.5.1): echo its code, then close."""
+        code, reason = parse_close_payload(payload)
+        if self.state is State.OPEN:
+            reply = None if code == CloseCode.NO_STATUS_RCVD else code
+            self._close_frame = encode_frame(_OPCODE_CLOSE, encode_close_payload(reply))
+        self.state = State.CLOSED
+        self.close_code = code
+        self.close_reason = reason
+        return Close(code, reason)
+
+    def _fail(self, code: int, reason: str) -> Close:
+        """Fail the connection (RFC 6455 §7.1.7): send a close frame, stop reading."""
+        if self.state is State.OPEN:
+            self._close_frame = encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason))
+        self.state = State.CLOSED
+        self._buffer = None
+        self._fragments = []
+        self._decoder = None
+        self.close_code = code
+        self.close_reason = reason
+        return Close(code, reason, failed=True)
+
+    # ----------------------------------------------------------------- output
+
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Start the closing handshake (RFC 6455 §7.1.2); idempotent."""
+        if self.state is State.OPEN:
+            self.pending.append(encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason)))
+            self.state = State.CLOSING
+            self.close_code = code
+            self.close_reason = reason
+
+    def fail(self, code: int, reason: str = "") -> Close:
+        """Close at once without waiting for the peer (e.g. keepalive timeout)."""
+        return self._fail(code, reason)
+
+    def is_closed(self) -> bool:
+        """Whether the close handshake is over (or the connection failed)."""
+        return self.state is State.CLOSED
+
+    @property
+    def closing_read(self) -> bool:
+        """Whether the last read ended the connection and its close frame is unsent.
+
+        Until it is sent, answers to the messages of that read may still be
+        queued: they go out before the close frame (RFC 6455 §5.5.1 lets an
+        endpoint finish sending what it had before its close).
+        """
+        return self._close_frame is not None
+
+    def data_to_send(self) -> bytes:
+        """Everything queued since the last call, as one buffer."""
+        pending = self.pending
+        if self._close_frame is not None:
+            pending.append(self._close_frame)
+            self._close_frame = None
+        if not pending:
+            return b""
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        return data

@@ -1,0 +1,97 @@
+"""Named groups of clients: :class:`Room` and unions of rooms.
+
+Server layer (layer 2 of DESIGN.md). A ``Room`` is a handle (a name and a
+server); members live in the server, so a handle never goes stale and an
+empty room costs nothing. ``Room.union`` is the original's Aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .client import WebSocketClient
+    from .server import WebSocketServer
+
+__all__ = ["Room", "RoomUnion"]
+
+
+class Room:
+    """The clients that joined ``name``; get one with ``server.room(name)``.
+
+    On a cluster, ``broadcast`` reaches the members on every worker, while
+    ``len``, ``in`` and iteration see this worker's members only.
+    """
+
+    __slots__ = ("name", "server")
+
+    def __init__(self, server: WebSocketServer, name: str) -> None:
+        self.server = server
+        self.name = name
+
+    def _members(self) -> set[WebSocketClient]:
+        return self.server._rooms.get(self.name) or set()
+
+    def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
+        """Send ``data`` to every member (encoded once); return local writes."""
+        return self.server._broadcast_room(self.name, data, exclude)
+
+    def __len__(self) -> int:
+        return len(self._members())
+
+    def __contains__(self, client: object) -> bool:
+        return client in self._members()
+
+    def __iter__(self) -> Iterator[WebSocketClient]:
+        return iter(list(self._members()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Room):
+            return self.server is other.server and self.name == other.name
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"<Room {self.name!r} ({len(self)} members)>"
+
+    @staticmethod
+    def union(*rooms: Room) -> RoomUnion:
+        """Several rooms seen as one: a client in two of them gets one copy."""
+        return RoomUnion(rooms)
+
+
+class RoomUnion:
+    """The union of several rooms (the original's ``Aggregate``)."""
+
+    __slots__ = ("rooms",)
+
+    def __init__(self, rooms: tuple[Room, ...]) -> None:
+        self.rooms = rooms
+
+    def _members(self) -> set[WebSocketClient]:
+        members: set[WebSocketClient] = set()
+        for room in self.rooms:
+            members |= room._members()
+        return members
+
+    def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
+        """Send ``data`` once to each client of any of the rooms."""
+        if not self.rooms:
+            return 0
+        server = self.rooms[0].server
+        return server._broadcast_rooms([room.name for room in self.rooms], data, exclude)
+
+    def __len__(self) -> int:
+        return len(self._members())
+
+    def __contains__(self, client: object) -> bool:
+        return any(client in room for room in self.rooms)
+
+    def __iter__(self) -> Iterator[WebSocketClient]:
+        return iter(list(self._members()))
+
+    def __repr__(self) -> str:
+        return f"<RoomUnion {[room.name for room in self.rooms]!r}>"

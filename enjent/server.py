@@ -1,0 +1,748 @@
+"""The application's server: :class:`WebSocketServer`.
+
+Server layer (layer 2 of DESIGN.md): handlers, the handshake policy, rooms,
+broadcast, one keepalive/timeout sweep per server, graceful stop. On a
+cluster (``workers > 1``) the bus client of :mod:`enjent.cluster` is plugged
+in as ``server.cluster`` and the same calls reach every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import ssl as ssl_module
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .client import WebSocketClient
+from .connection import Connection
+from .exceptions import HandshakeRejected, WebSocketNegotiationError, WebSocketServerError
+from .frames import CloseCode, Opcode, encode_frame
+from .handshake import (
+    accept_response,
+    is_upgrade_request,
+    offered_subprotocols,
+    select_subprotocol,
+    validate_upgrade,
+)
+from .http11 import Headers, Request, encode_response, json_response
+from .protocol import State
+from .rooms import Room
+
+if TYPE_CHECKING:
+    from .cluster import ClusterClient
+
+__all__ = ["Accept", "Response", "WebSocketServer"]
+
+logger = logging.getLogger("enjent.server")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Message = str | bytes
+
+_PING_FRAME = encode_frame(Opcode.PING.value, b"")
+_TEXT = Opcode.TEXT.value
+_BINARY = Opcode.BINARY.value
+
+
+@dataclass
+class Accept:
+    """Returned by an ``on_handshake`` hook: accept, with these choices.
+
+    ``subprotocol`` must be one the client offered; ``data`` is attached to
+    the client as ``client.data``; ``headers`` are added to the 101 response.
+    """
+
+    subprotocol: str | None = None
+    data: Any = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Response:
+    """Returned by an ``on_handshake`` hook: answer with plain HTTP instead.
+
+    A 4xx status refuses the client (e.g. 401, 403); a 200 serves a small
+    page (the chat example serves its HTML this way). The connection closes
+    after the response.
+    """
+
+    status: int = 200
+    body: bytes | str = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    def encode(self, server_header: str | None) -> bytes:
+        body = self.body.encode() if isinstance(self.body, str) else self.body
+        headers = [
+            ("Content-Type", self.content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+        if server_header:
+            headers.append(("Server", server_header))
+        headers.extend(self.headers)
+        return encode_response(self.status, headers, body)
+
+
+HandshakeHook = Callable[[Request], "Accept | Response | None"]
+
+
+def _encode_message(data: str | bytes | bytearray | memoryview) -> bytes:
+    if isinstance(data, str):
+        return encode_frame(_TEXT, data.encode("utf-8"))
+    if isinstance(data, bytes | bytearray | memoryview):
+        return encode_frame(_BINARY, data)
+    raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
+
+
+class WebSocketServer:
+    """A WebSocket server: register handlers, then ``run`` or ``start`` it.
+
+    Every option is keyword-only, with a safe default:
+
+    Handshake
+        ``subprotocols`` (server's preference order), ``allowed_origins``
+        (``None``: any; otherwise a list, others get 403), ``health_path``
+        (``None`` disables it), ``trusted_proxies`` (addresses or networks
+        whose ``X-Forwarded-For``/``X-Real-Ip`` is believed),
+        ``client_class`` / ``client_factory``, ``server_header``.
+    Limits
+        ``max_message_size`` (1 MiB; close 1009), ``max_connections`` (per
+        worker, 25,000; 503 at the handshake), ``write_limit`` (512 KiB of
+        unsent data per client: see *slow consumers* below),
+        ``max_request_size`` (16 KiB of request head; 431),
+        ``max_request_line`` (8 KiB; 414).
+    Timeouts (seconds)
+        ``handshake_timeout`` (10), ``ping_interval`` (20; ``None`` disables
+        keepalive), ``ping_timeout`` (20; close 1011), ``close_timeout`` (5).
+
+    Slow consumers: a client whose unsent data exceeds ``write_limit`` is
+    not read from until it drains (backpressure on its own requests); a
+    message sent to it meanwhile is refused (``send`` returns ``False``) and
+    the client is closed with 1008 (policy violation), aborted if it cannot
+    take the close frame within ``close_timeout``. Memory per client is thus
+    bounded by about ``write_limit`` plus one message.
+    """
+
+    def __init__(
+        self,
+        *,
+        subprotocols: Sequence[str] = (),
+        allowed_origins: Iterable[str] | None = None,
+        health_path: str | None = "/healthz",
+        trusted_proxies: Iterable[str] = (),
+        client_class: type[WebSocketClient] = WebSocketClient,
+        client_factory: Callable[[Request], WebSocketClient] | None = None,
+        server_header: str | None = "enjent",
+        max_message_size: int = 1 << 20,
+        max_connections: int = 25_000,
+        write_limit: int = 512 * 1024,
+        max_request_size: int = 16 * 1024,
+        max_request_line: int = 8 * 1024,
+        handshake_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float = 20.0,
+        close_timeout: float = 5.0,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        for name, value in (
+            ("max_message_size", max_message_size),
+            ("max_connections", max_connections),
+            ("write_limit", write_limit),
+            ("max_request_size", max_request_size),
+            ("max_request_line", max_request_line),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, seconds in (
+            ("handshake_timeout", handshake_timeout),
+            ("ping_timeout", ping_timeout),
+            ("close_timeout", close_timeout),
+            ("sweep_interval", sweep_interval),
+        ):
+            if seconds <= 0:
+                raise ValueError(f"{name} must be positive, got {seconds!r}")
+        if ping_interval is not None and ping_interval <= 0:
+            raise ValueError("ping_interval must be positive, or None to disable keepalive")
+        if not issubclass(client_class, WebSocketClient):
+            raise TypeError("client_class must be a subclass of WebSocketClient")
+        self.subprotocols = list(subprotocols)
+        self.allowed_origins = None if allowed_origins is None else set(allowed_origins)
+        self.health_path = health_path
+        self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self.client_class = client_class
+        self.client_factory = client_factory
+        self.server_header = server_header
+        self.max_message_size = max_message_size
+        self.max_connections = max_connections
+        self.write_limit = write_limit
+        self.max_request_size = max_request_size
+        self.max_request_line = max_request_line
+        self.handshake_timeout = handshake_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self.sweep_interval = sweep_interval
+
+        self._connect_handlers: list[Callable[..., Any]] = []
+        self._message_handlers: list[Callable[..., Any]] = []
+        self._disconnect_handlers: list[Callable[..., Any]] = []
+        self._error_handlers: list[Callable[..., Any]] = []
+        self._control_handlers: list[Callable[..., Any]] = []
+        self._handshake_hooks: list[HandshakeHook] = []
+
+        #: This worker's index in the cluster (0 on one process).
+        self.shard = 0
+        #: The bus client when running as a cluster worker, else ``None``.
+        self.cluster: ClusterClient | None = None
+        self._generation = secrets.token_hex(3)
+        self._next_id = 0
+        self._clients: dict[str, WebSocketClient] = {}
+        self._rooms: dict[str, set[WebSocketClient]] = {}
+        self._connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._now = 0.0
+        self._stopping = False
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "connections_accepted",
+                "connections_refused",
+                "handshakes_refused",
+                "handshake_timeouts",
+                "keepalive_timeouts",
+                "protocol_errors",
+                "slow_consumers_closed",
+                "handler_errors",
+            ),
+            0,
+        )
+
+    # ------------------------------------------------------------ handlers
+
+    def on_connect(self, handler: F) -> F:
+        """Register ``handler(client)``, called once the handshake succeeded."""
+        self._connect_handlers.append(handler)
+        return handler
+
+    def on_message(self, handler: F) -> F:
+        """Register ``handler(client, message)``; ``message`` is str or bytes."""
+        self._message_handlers.append(handler)
+        return handler
+
+    def on_disconnect(self, handler: F) -> F:
+        """Register ``handler(client, code, reason)``, called once per client."""
+        self._disconnect_handlers.append(handler)
+        return handler
+
+    def on_error(self, handler: F) -> F:
+        """Register ``handler(client_or_None, exc)`` for exceptions in handlers."""
+        self._error_handlers.append(handler)
+        return handler
+
+    def on_control_frame(self, handler: F) -> F:
+        """Register ``handler(client, event)`` for pings and pongs received."""
+        self._control_handlers.append(handler)
+        return handler
+
+    def on_handshake(self, hook: F) -> F:
+        """Register ``hook(request)`` run before a client is accepted.
+
+        It may return ``None`` (accept), :class:`Accept` (choose the
+        subprotocol, attach ``data``, add headers), :class:`Response` (answer
+        with plain HTTP: refuse with 401/403, or serve a page), or raise
+        :class:`~enjent.HandshakeRejected`. It runs for plain HTTP requests
+        too, so it can serve a page at ``/``. It must not block.
+        """
+        self._handshake_hooks.append(hook)
+        return hook
+
+    def _call(self, handlers: list[Callable[..., Any]], client: Any, *args: Any) -> None:
+        for handler in handlers:
+            try:
+                result = handler(*args)
+            except Exception as exc:
+                self._report_error(client, exc)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                self._spawn(result, client)
+
+    def _spawn(self, awaitable: Awaitable[Any], client: Any) -> None:
+        async def run() -> None:
+            try:
+                await awaitable
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._report_error(client, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _report_error(self, client: Any, exc: BaseException) -> None:
+        self.stats["handler_errors"] += 1
+        logger.error("error in a handler for %s", client, exc_info=exc)
+        for handler in self._error_handlers:
+            try:
+                result = handler(client, exc)
+                if result is not None and inspect.isawaitable(result):
+                    self._spawn(result, None)
+            except Exception:
+                logger.exception("error in an on_error handler")
+
+    def _dispatch_message(self, client: WebSocketClient, message: Message) -> None:
+        handlers = self._message_handlers
+        if len(handlers) == 1:
+            try:
+                result = handlers[0](client, message)
+            except Exception as exc:
+                self._report_error(client, exc)
+                return
+            if result is not None and inspect.isawaitable(result):
+                self._spawn(result, client)
+        elif handlers:
+            self._call(handlers, client, client, message)
+
+    def _dispatch_control(self, client: WebSocketClient, event: Any) -> None:
+        if self._control_handlers:
+            self._call(self._control_handlers, client, client, event)
+
+    # ----------------------------------------------------------- handshake
+
+    def _handshake(self, request: Request) -> tuple[bytes, WebSocketClient | None]:
+        """Decide on a parsed request: a 101 and a new client, or an HTTP answer."""
+        upgrade = is_upgrade_request(request)
+        if not upgrade and self.health_path is not None and request.path == self.health_path:
+            return json_response(200, self.health()), None
+        if upgrade and len(self._clients) >= self.max_connections:
+            raise WebSocketNegotiationError(
+                503, "server full (max_connections)", headers=[("Retry-After", "5")]
+            )
+        if upgrade and self.allowed_origins is not None:
+            origin = request.headers.get("Origin")
+            if origin not in self.allowed_origins:
+                raise WebSocketNegotiationError(403, f"origin {origin!r} not allowed")
+        accept = Accept()
+        for hook in self._handshake_hooks:
+            answer = hook(request)
+            if isinstance(answer, Response):
+                return answer.encode(self.server_header), None
+            if isinstance(answer, Accept):
+                accept = answer
+            elif answer is not None:
+                raise TypeError(
+                    f"on_handshake hook returned {type(answer).__name__}; "
+                    "return None, Accept(...) or Response(...)"
+                )
+        key = validate_upgrade(request)
+        offered = offered_subprotocols(request)
+        if accept.subprotocol is not None:
+            if accept.subprotocol not in offered:
+                raise HandshakeRejected(
+                    400, f"subprotocol {accept.subprotocol!r} was not offered by the client"
+                )
+            subprotocol: str | None = accept.subprotocol
+        else:
+            subprotocol = select_subprotocol(offered, self.subprotocols)
+        if self.client_factory is not None:
+            client = self.client_factory(request)
+            if not isinstance(client, WebSocketClient):
+                raise TypeError("client_factory must return a WebSocketClient")
+        else:
+            client = self.client_class(request)
+        self._next_id += 1
+        client.id = f"{self.shard}-{self._generation}-{self._next_id:x}"
+        client.subprotocol = subprotocol
+        if accept.data is not None:
+            client.data = accept.data
+        client._server = self
+        extra = list(accept.headers)
+        if self.server_header:
+            extra.append(("Server", self.server_header))
+        return accept_response(key, subprotocol=subprotocol, extra_headers=extra), client
+
+    def _client_ready(self, client: WebSocketClient) -> None:
+        self.stats["connections_accepted"] += 1
+        self._clients[client.id] = client
+        if self.cluster is not None:
+            self.cluster.client_connected(client)
+        if self._connect_handlers:
+            self._call(self._connect_handlers, client, client)
+
+    def _client_gone(self, client: WebSocketClient, code: int, reason: str) -> None:
+        if self._clients.pop(client.id, None) is None:
+            return
+        for name in client._rooms or ():
+            self._room_remove_member(client, name)
+        if self.cluster is not None:
+            self.cluster.client_disconnected(client)
+        if self._disconnect_handlers:
+            self._call(self._disconnect_handlers, client, client, code, reason)
+
+    def _client_address(self, host: str, headers: Headers) -> str:
+        if not self.trusted_proxies or not self._is_trusted(host):
+            return host
+        forwarded = [
+            part.strip()
+            for value in headers.get_all("X-Forwarded-For")
+            for part in value.split(",")
+            if part.strip()
+        ]
+        for address in reversed(forwarded):
+            if not self._is_trusted(address):
+                return address
+        real_ip = headers.get("X-Real-Ip")
+        if real_ip:
+            return real_ip.strip()
+        return forwarded[0] if forwarded else host
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
+    # ------------------------------------------------------ clients, rooms
+
+    @property
+    def clients(self) -> list[Any]:
+        """Every client (on a cluster: proxies for the other workers' clients)."""
+        if self.cluster is not None:
+            return self.cluster.all_clients()
+        return list(self._clients.values())
+
+    @property
+    def local_clients(self) -> list[WebSocketClient]:
+        """The clients connected to this process."""
+        return list(self._clients.values())
+
+    @property
+    def client_count(self) -> int:
+        """The number of connected clients (cluster-wide on a cluster)."""
+        if self.cluster is not None:
+            return self.cluster.client_count()
+        return len(self._clients)
+
+    def get_client(self, client_id: str) -> Any:
+        """The client with this id (a proxy if on another worker), or ``None``."""
+        client = self._clients.get(client_id)
+        if client is None and self.cluster is not None:
+            return self.cluster.get_client(client_id)
+        return client
+
+    def send(self, client_id: str, data: str | bytes) -> bool:
+        """Send to the client ``client_id`` wherever it is connected.
+
+        Returns ``False`` if no such client is known (or it is closed here).
+        """
+        client = self._clients.get(client_id)
+        if client is not None:
+            return client.send(data)
+        if self.cluster is not None:
+            return self.cluster.send_to(client_id, data)
+        return False
+
+    def room(self, name: str) -> Room:
+        """The room called ``name`` (a handle; members join with ``client.join``)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a room name is a non-empty str")
+        return Room(self, name)
+
+    @property
+    def rooms(self) -> list[str]:
+        """The names of the rooms with members on this process."""
+        return list(self._rooms)
+
+    def _room_join(self, client: WebSocketClient, name: str) -> None:
+        members = self._rooms.get(name)
+        if members is None:
+            members = self._rooms[name] = set()
+            if self.cluster is not None:
+                self.cluster.room_created(name)
+        members.add(client)
+
+    def _room_leave(self, client: WebSocketClient, name: str) -> None:
+        self._room_remove_member(client, name)
+
+    def _room_remove_member(self, client: WebSocketClient, name: str) -> None:
+        members = self._rooms.get(name)
+        if members is not None:
+            members.discard(client)
+            if not members:
+                del self._rooms[name]
+                if self.cluster is not None:
+                    self.cluster.room_deleted(name)
+
+    # ----------------------------------------------------------- broadcast
+
+    def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
+        """Send ``data`` to every client (every worker on a cluster).
+
+        The frame is encoded once and the same bytes go to every transport.
+        Returns the number of clients of this process it was written to.
+        """
+        frame = _encode_message(data)
+        if self.cluster is not None:
+            self.cluster.publish_broadcast(frame, exclude.id if exclude is not None else None)
+        return self._write_all(self._clients.values(), frame, exclude)
+
+    def _broadcast_room(self, name: str, data: str | bytes, exclude: WebSocketClient | None) -> int:
+        frame = _encode_message(data)
+        if self.cluster is not None:
+            self.cluster.publish_room([name], frame, exclude.id if exclude is not None else None)
+        return self._write_all(self._rooms.get(name, ()), frame, exclude)
+
+    def _broadcast_rooms(
+        self, names: list[str], data: str | bytes, exclude: WebSocketClient | None
+    ) -> int:
+        frame = _encode_message(data)
+        if self.cluster is not None:
+            self.cluster.publish_room(names, frame, exclude.id if exclude is not None else None)
+        return self._deliver_rooms(names, frame, exclude)
+
+    def _deliver_rooms(
+        self, names: Iterable[str], frame: bytes, exclude: WebSocketClient | None
+    ) -> int:
+        members: set[WebSocketClient] = set()
+        for name in names:
+            members |= self._rooms.get(name, set())
+        return self._write_all(members, frame, exclude)
+
+    @staticmethod
+    def _write_all(
+        clients: Iterable[WebSocketClient], frame: bytes, exclude: WebSocketClient | None
+    ) -> int:
+        count = 0
+        for client in list(clients):
+            if client is exclude:
+                continue
+            connection = client._connection
+            if connection is not None and connection.send_frame(frame):
+                count += 1
+        return count
+
+    # ------------------------------------------------------------- health
+
+    def health(self) -> dict[str, Any]:
+        """What the health path answers: counts for load balancers."""
+        if self.cluster is not None:
+            return self.cluster.health()
+        return {
+            "status": "ok",
+            "clients": len(self._clients),
+            "workers": [{"shard": self.shard, "pid": os.getpid(), "clients": len(self._clients)}],
+            "stats": dict(self.stats),
+        }
+
+    # -------------------------------------------------------------- sweep
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            self._now = loop.time()
+            try:
+                self._sweep(self._now)
+            except Exception:  # never let a bug stop keepalive
+                logger.exception("error in the keepalive sweep")
+
+    def _sweep(self, now: float) -> None:
+        """One pass over every connection: handshake, keepalive, close timeouts."""
+        ping_interval = self.ping_interval
+        ping_timeout = self.ping_timeout
+        close_timeout = self.close_timeout
+        handshake_timeout = self.handshake_timeout
+        for connection in list(self._connections):
+            transport = connection.transport
+            if transport is None:
+                continue
+            if connection.client is None:
+                if now - connection.opened_at > handshake_timeout:
+                    self.stats["handshake_timeouts"] += 1
+                    transport.abort()
+                continue
+            if connection.active:
+                connection.active = False
+                connection.last_seen = now
+                connection.ping_sent_at = 0.0
+            state = connection.state
+            if state is State.OPEN:
+                if ping_interval is None:
+                    continue
+                if connection.ping_sent_at:
+                    if now - connection.ping_sent_at > ping_timeout:
+                        self.stats["keepalive_timeouts"] += 1
+                        logger.info(
+                            "closing %s: no pong within %ss", connection.client, ping_timeout
+                        )
+                        connection.fail_connection(CloseCode.INTERNAL_ERROR, "keepalive timeout")
+                        connection.closing_since = now
+                elif now - connection.last_seen >= ping_interval:
+                    connection.ping_sent_at = now
+                    transport.write(_PING_FRAME)
+            elif not connection.closing_since:
+                connection.closing_since = now
+            elif now - connection.closing_since > close_timeout:
+                transport.abort()
+
+    # ---------------------------------------------------------- lifecycle
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 13003,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        reuse_port: bool = False,
+        sock: Any = None,
+        backlog: int = 1024,
+    ) -> None:
+        """Listen on ``host:port`` and serve until :meth:`stop`."""
+        if self._listener is not None:
+            raise WebSocketServerError("this server is already started")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._now = loop.time()
+        self._stopping = False
+        try:
+            if sock is not None:
+                self._listener = await loop.create_server(
+                    lambda: Connection(self), sock=sock, ssl=ssl, backlog=backlog
+                )
+            else:
+                self._listener = await loop.create_server(
+                    lambda: Connection(self),
+                    host,
+                    port,
+                    ssl=ssl,
+                    reuse_port=reuse_port or None,
+                    backlog=backlog,
+                )
+        except OSError as exc:
+            raise WebSocketServerError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self._sweeper = loop.create_task(self._sweep_forever())
+        logger.info("listening on %s", ", ".join(str(s.getsockname()) for s in self.sockets))
+
+    @property
+    def sockets(self) -> list[Any]:
+        """The listening sockets (to find the port when started with port 0)."""
+        return list(self._listener.sockets) if self._listener is not None else []
+
+    @property
+    def port(self) -> int:
+        """The port of the first listening socket."""
+        sockets = self.sockets
+        if not sockets:
+            raise WebSocketServerError("the server is not listening")
+        return int(sockets[0].getsockname()[1])
+
+    async def stop(self, *, close_timeout: float | None = None) -> None:
+        """Stop gracefully: stop accepting, Close 1001 to every client, wait.
+
+        Clients still connected after ``close_timeout`` are aborted.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        timeout = self.close_timeout if close_timeout is None else close_timeout
+        loop = asyncio.get_running_loop()
+        if self._listener is not None:
+            self._listener.close()
+        for connection in list(self._connections):
+            if connection.client is None:
+                if connection.transport is not None:
+                    connection.transport.close()
+            else:
+                connection.close_websocket(CloseCode.GOING_AWAY, "server shutting down")
+        deadline = loop.time() + timeout
+        while self._connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        await asyncio.sleep(0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        tasks = list(self._tasks)
+        if tasks:
+            _, still_running = await asyncio.wait(tasks, timeout=timeout)
+            for task in still_running:
+                task.cancel()
+        if self._listener is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._listener.wait_closed(), timeout)
+            self._listener = None
+        logger.info("stopped")
+
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 13003, **kwargs: Any
+    ) -> AsyncIterator[WebSocketServer]:
+        """``async with server.serve(host, port):`` — start, then stop on exit."""
+        await self.start(host, port, **kwargs)
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 13003,
+        *,
+        workers: int = 1,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        """Serve until SIGINT/SIGTERM, then stop gracefully.
+
+        ``workers=1`` serves in this process (no fork, no external service);
+        ``workers > 1`` runs the supervisor, one worker process per worker.
+        """
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if workers > 1:
+            from enjent_supervisor.arbiter import run_cluster
+
+            raise SystemExit(run_cluster(self, host, port, workers=workers, ssl=ssl))
+        run_event_loop(self._serve_until_signal(host, port, ssl=ssl))
+
+    async def _serve_until_signal(
+        self, host: str, port: int, *, ssl: ssl_module.SSLContext | None = None, **kwargs: Any
+    ) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await self.start(host, port, ssl=ssl, **kwargs)
+            await stop.wait()
+            logger.info("signal received, stopping")
+            await self.stop()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+
+def run_event_loop(main: Awaitable[Any]) -> Any:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)  # type: ignore[arg-type]

@@ -1,0 +1,84 @@
+"""Echo server: every text and binary message comes back unchanged.
+
+A text message ``broadcast:<payload>`` instead sends ``<payload>`` (as text)
+to every connected client, on every worker. This command line is stable:
+Autobahn runs and ``loadtest`` drive it.
+
+    python examples/echo.py --host 127.0.0.1 --port 9001 [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from enjent import WebSocketClient, WebSocketServer
+
+PREFIX = "broadcast:"
+
+
+def build_server(**options: object) -> WebSocketServer:
+    server = WebSocketServer(**options)  # type: ignore[arg-type]
+
+    @server.on_message
+    def echo(client: WebSocketClient, message: str | bytes) -> None:
+        if type(message) is str and message.startswith(PREFIX):
+            server.broadcast(message[len(PREFIX) :])
+        else:
+            client.send(message)
+
+    return server
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=9001, help="port to listen on")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (1: this process only; default 1)",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest message accepted, in bytes (default 64 MiB, for Autobahn's 9.*)",
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=100_000, help="per worker (default 100000)"
+    )
+    parser.add_argument(
+        "--write-limit",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="unsent bytes per client before it counts as a slow consumer (default 64 MiB)",
+    )
+    parser.add_argument(
+        "--ping-interval", type=float, default=20.0, help="keepalive ping interval, 0: off"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("ENJENT_LOG_LEVEL", "WARNING"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.workers < 1:
+        print("echo.py: --workers must be at least 1", file=sys.stderr)
+        return 2
+    server = build_server(
+        max_message_size=args.max_message_size,
+        max_connections=args.max_connections,
+        write_limit=args.write_limit,
+        ping_interval=args.ping_interval or None,
+    )
+    server.run(args.host, args.port, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Raw WebSocket clients on asyncio Protocols, many per event loop, for load generation.
+
+Layer 5 of DESIGN.md. One `WsClient` per connection (an `asyncio.Protocol` with
+`__slots__`, no task of its own) feeds bytes to `wire.FrameParser` and reports to a
+shared `ClientPool`, which each scenario subclasses to react to messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import math
+import os
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from loadtest import wire
+
+#: Clients one source address may hold before another address in 127.0.0.0/8 is used.
+CLIENTS_PER_SOURCE_ADDRESS = 25_000
+
+HANDSHAKING, OPEN, CLOSING, CLOSED = range(4)
+
+
+class LoopbackOnlyError(ValueError):
+    """The load generator only ever talks to loopback addresses."""
+
+
+def check_loopback(host: str) -> str:
+    """Return `host` if it is an address in 127.0.0.0/8 or ::1, else raise."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise LoopbackOnlyError(
+            f"--host {host!r} is not an IP address; use a loopback address such as 127.0.0.1"
+        ) from None
+    if address.version == 4 and address in ipaddress.ip_network("127.0.0.0/8"):
+        return host
+    if address.version == 6 and address == ipaddress.ip_address("::1"):
+        return host
+    raise LoopbackOnlyError(
+        f"--host {host!r} is not a loopback address: loadtest only targets 127.0.0.0/8 or ::1"
+    )
+
+
+def source_addresses(host: str, clients: int, count: int = 0) -> list[str | None]:
+    """Local addresses to bind client sockets to, spread round-robin over clients.
+
+    One address holds about 28 000 ephemeral ports, so beyond CLIENTS_PER_SOURCE_ADDRESS
+    clients the generator binds 127.0.0.1, 127.0.0.2, ... (all of 127.0.0.0/8 reaches the
+    loopback interface on Linux). `[None]` means "let the kernel choose" (no bind).
+    """
+    if ipaddress.ip_address(host).version == 6:
+        return [None]
+    if count <= 0:
+        if clients <= CLIENTS_PER_SOURCE_ADDRESS:
+            return [None]
+        count = math.ceil(clients / CLIENTS_PER_SOURCE_ADDRESS)
+    count = min(count, 250)
+    return [f"127.0.0.{index}" for index in range(1, count + 1)]
+
+
+def raise_fd_limit(needed: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE to the hard limit (and the hard limit too, when privileged
+    and `needed` exceeds it). Child processes, the server under test included, inherit it.
+    Returns the new (soft, hard).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            soft, hard = needed, needed
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+class WsClient(asyncio.Protocol):
+    """One client connection: upgrade, then frames in and out (RFC 6455 §4 and §5)."""
+
+    __slots__ = (
+        "close_code",
+        "data",
+        "error",
+        "head",
+        "host",
+        "index",
+        "key",
+        "parser",
+        "pool",
+        "port",
+        "state",
+        "t_open",
+        "t_start",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self, pool: ClientPool, index: int, host: str, port: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.host = host
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.key = wire.new_key()
+        self.head = bytearray()
+        self.parser: wire.FrameParser | None = None
+        self.state = HANDSHAKING
+        self.t_start = time.perf_counter()
+        self.t_open = 0.0
+        self.close_code: int | None = None
+        self.error: str | None = None
+        self.waiter: asyncio.Future[bool] | None = None
+        self.data: Any = None
+
+    # asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(wire.upgrade_request(self.host, self.port, self.key))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state == HANDSHAKING:
+                self.head += data
+                end = self.head.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self.head) > wire.MAX_RESPONSE_HEAD:
+                        raise wire.ProtocolError("upgrade response head too large")
+                    return
+                wire.check_upgrade_response(bytes(self.head[:end]), self.key)
+                rest = bytes(self.head[end + 4 :])
+                self.head = bytearray()
+                self.parser = wire.FrameParser()
+                self.state = OPEN
+                self.t_open = time.perf_counter()
+                self.pool.on_open(self)
+                if not rest:
+                    return
+                data = rest
+            if self.parser is None:
+                return
+            for opcode, payload in self.parser.feed(data):
+                if opcode <= wire.Opcode.BINARY:
+                    if self.state == OPEN:
+                        self.pool.on_message(self, opcode, payload)
+                elif opcode == wire.Opcode.PING:
+                    self._write_control(wire.Opcode.PONG, payload)
+                elif opcode == wire.Opcode.CLOSE:
+                    self._on_close_frame(payload)
+        except wire.ProtocolError as exc:
+            self.fail(str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.error is None and self.state != CLOSING:
+            self.error = f"connection lost: {exc}"
+        previous = self.state
+        self.state = CLOSED
+        self.transport = None
+        self.pool.on_lost(self, previous)
+
+    # sending ----------------------------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        """Write a frame built (and masked) in advance with `wire.encode_frame`."""
+        if self.transport is not None and self.state == OPEN:
+            self.transport.write(frame)
+
+    def close(self, code: int = wire.CloseCode.NORMAL_CLOSURE) -> None:
+        """Start the closing handshake (RFC 6455 §7.1.2); the server closes TCP."""
+        if self.state == OPEN:
+            self._write_control(wire.Opcode.CLOSE, wire.close_payload(code))
+            self.state = CLOSING
+        elif self.transport is not None and self.state == HANDSHAKING:
+            self.transport.close()
+
+    def drop(self) -> None:
+        """Send Close if open, then close TCP at once without waiting for the server."""
+        if self.transport is None:
+            return
+        if self.state == OPEN:
+            self._write_control(wire.Opcode.CLOSE, wire.close_payload(wire.CloseCode.GOING_AWAY))
+            self.state = CLOSING
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, reason: str) -> None:
+        """A protocol violation: remember why and drop the connection (RFC 6455 §7.1.7)."""
+        if self.error is None:
+            self.error = reason
+        self.pool.on_error(self, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _write_control(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(wire.encode_frame(opcode, payload, mask=os.urandom(4)))
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        code, _ = wire.parse_close_payload(payload)
+        self.close_code = code
+        if self.state == OPEN:
+            echo = wire.close_payload(code) if code is not None else b""
+            self._write_control(wire.Opcode.CLOSE, echo)
+            self.state = CLOSING
+            self.pool.on_server_close(self, code)
+
+
+class ClientPool:
+    """All the clients of one run and their counters; scenarios subclass the hooks."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.clients: list[WsClient] = []
+        self.open_count = 0
+        self.opened_total = 0
+        self.failed = 0
+        self.lost_while_open = 0
+        self.server_closes = 0
+        self.errors: Counter[str] = Counter()
+        self.handshake_times: list[float] = []
+        self.on_change: Callable[[], None] | None = None
+
+    def new_client(self) -> WsClient:
+        client = WsClient(self, len(self.clients), self.host, self.port)
+        self.clients.append(client)
+        return client
+
+    # hooks called by WsClient --------------------------------------------------------
+
+    def on_open(self, client: WsClient) -> None:
+        self.open_count += 1
+        self.opened_total += 1
+        self.handshake_times.append(client.t_open - client.t_start)
+        if client.waiter is not None and not client.waiter.done():
+            client.waiter.set_result(True)
+
+    def on_message(self, client: WsClient, opcode: int, payload: bytes) -> None:
+        """A complete data message arrived; scenarios override."""
+
+    def on_server_close(self, client: WsClient, code: int | None) -> None:
+        self.server_closes += 1
+
+    def on_error(self, client: WsClient, reason: str) -> None:
+        if client.state != HANDSHAKING:  # upgrade failures are counted by on_lost
+            self.errors[_short(reason)] += 1
+
+    def on_lost(self, client: WsClient, previous_state: int) -> None:
+        if previous_state in (OPEN, CLOSING):
+            self.open_count -= 1
+        if previous_state == OPEN:
+            self.lost_while_open += 1
+        elif previous_state == HANDSHAKING:
+            self.failed += 1
+            self.errors[_short(client.error or "closed during the upgrade")] += 1
+        if client.waiter is not None and not client.waiter.done():
+            client.waiter.set_result(previous_state != HANDSHAKING)
+
+    # connecting ----------------------------------------------------------------------
+
+    async def connect_one(
+        self, source: str | None, timeout: float
+    ) -> WsClient | None:
+        """Open one client and wait (bounded) for the upgrade; None if it failed."""
+        loop = asyncio.get_running_loop()
+        client = self.new_client()
+        client.waiter = loop.create_future()
+        local_addr = (source, 0) if source is not None else None
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(
+                    lambda: client, self.host, self.port, local_addr=local_addr
+                )
+                opened = await client.waiter
+        except (OSError, TimeoutError) as exc:
+            if client.transport is not None:
+                client.error = client.error or f"{type(exc).__name__} during the upgrade"
+                client.abort()  # connection_lost counts the failure
+            elif client.state == HANDSHAKING:
+                client.state = CLOSED
+                self.failed += 1
+                self.errors[_short(f"{type(exc).__name__}: {exc}")] += 1
+            return None
+        finally:
+            client.waiter = None
+        return client if opened else None
+
+    async def ramp(
+        self,
+        count: int,
+        *,
+        rate: float,
+        concurrency: int,
+        sources: list[str | None],
+        deadline: float,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        """Open `count` clients at `rate` per second with at most `concurrency` upgrades
+        in flight, using `concurrency` connector coroutines (no task per client).
+        Stops early at `deadline` (a `time.monotonic()` value).
+        """
+        start = time.monotonic()
+        next_index = 0
+
+        async def connector() -> None:
+            nonlocal next_index
+            while next_index < count:
+                index = next_index
+                next_index += 1
+                if rate > 0:
+                    delay = start + index / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                await self.connect_one(sources[index % len(sources)], min(connect_timeout, remaining))
+                if self.on_change is not None:
+                    self.on_change()
+
+        workers = max(1, min(concurrency, count))
+        await asyncio.gather(*(connector() for _ in range(workers)))
+
+    async def close_all(self, timeout: float = 5.0) -> None:
+        """Close every client (Close frame, then TCP close), aborting stragglers."""
+        for client in self.clients:
+            client.drop()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(c.transport is not None for c in self.clients):
+            await asyncio.sleep(0.05)
+        for client in self.clients:
+            client.abort()
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= 120 else reason[:117] + "..."

@@ -1,0 +1,71 @@
+"""The options of one load-test invocation, gathered in one frozen object.
+
+Layer 5 of DESIGN.md. `cli.py` copies the command line into a `Config`; scenarios,
+server control and reports read only this object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = ("connections", "echo", "fanout", "handshake")
+
+#: Per-scenario default for --clients (for handshake: upgrades in flight at once).
+DEFAULT_CLIENTS = {"connections": 8000, "echo": 50, "fanout": 1000, "handshake": 20}
+
+
+@dataclass(frozen=True)
+class Config:
+    scenario: str
+    servers: tuple[str, ...]
+    workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 0
+    clients: int = 0
+    repeat: int = 1
+    # connections
+    rate: float = 2000.0
+    concurrency: int = 100
+    hold: float = 5.0
+    measure: float = 5.0
+    sample_interval: float = 0.5
+    # echo
+    sizes: tuple[int, ...] = (32, 1024, 16384)
+    pipeline: int = 1
+    duration: float = 5.0
+    warmup: float = 1.0
+    messages: int = 0
+    text: bool = False
+    # fanout
+    broadcasts: int = 100
+    payload: int = 32
+    round_timeout: float = 10.0
+    # handshake
+    count: int = 2000
+    # runtime
+    timeout: float = 900.0
+    start_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    server_cpus: frozenset[int] | None = None
+    client_cpus: frozenset[int] | None = None
+    source_addresses: int = 0
+    use_uvloop: bool = True
+    seed: int = 6455
+    quiet: bool = False
+    json_path: Path | None = None
+    chart_path: Path | None = None
+    chart: bool = True
+    argv: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, frozenset):
+                data[key] = sorted(value)
+            elif isinstance(value, Path):
+                data[key] = str(value)
+            elif isinstance(value, tuple):
+                data[key] = list(value)
+        return data

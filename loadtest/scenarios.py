@@ -1,0 +1,543 @@
+"""The four load scenarios: connections, echo, fanout and handshake.
+
+Layer 5 of DESIGN.md. Each scenario drives one already started server through a
+`ClientPool` and returns a `RunResult`: pass/fail checks, flat numeric metrics (compared
+across servers), per-process details and series for the chart. Every loop is bounded in
+count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest import wire
+from loadtest.client import ClientPool, WsClient, source_addresses
+from loadtest.config import Config
+from loadtest.measure import TreeSampler, latency_summary, percentile
+from loadtest.report import Progress, format_bytes
+from loadtest.servers import ServerProcess
+
+BROADCAST_PREFIX = b"broadcast:"
+
+#: Points kept of a latency distribution for the JSON file and the chart.
+QUANTILE_POINTS = 200
+
+
+@dataclass
+class RunResult:
+    """What one scenario run against one server produced."""
+
+    server: str
+    ok: bool = True
+    failures: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, condition: bool, failure: str) -> None:
+        if not condition:
+            self.ok = False
+            self.failures.append(failure)
+
+
+def quantiles(seconds: list[float]) -> list[list[float]]:
+    """A compact distribution: [fraction, milliseconds] at QUANTILE_POINTS fractions."""
+    if not seconds:
+        return []
+    ordered = sorted(seconds)
+    points = [index / QUANTILE_POINTS for index in range(1, QUANTILE_POINTS + 1)]
+    points = sorted({*points, 0.001, 0.01, 0.5, 0.99, 0.999})
+    return [[fraction, percentile(ordered, fraction) * 1000] for fraction in points]
+
+
+async def connect_clients(
+    pool: ClientPool,
+    cfg: Config,
+    count: int,
+    progress: Progress,
+    *,
+    rate: float,
+    on_tick: Callable[[], None] | None = None,
+) -> float:
+    """Open `count` clients (bounded by time), showing progress; returns seconds taken."""
+    sources = source_addresses(cfg.host, count, cfg.source_addresses)
+    started = time.monotonic()
+    budget = (count / rate if rate > 0 else count / 500) * 3 + 30
+    deadline = started + min(budget, cfg.timeout)
+    last = 0.0
+
+    def tick() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 0.25:
+            last = now
+            if on_tick is not None:
+                on_tick()
+            elapsed = max(now - started, 1e-9)
+            progress.update(
+                f"connecting {pool.opened_total}/{count} open {pool.open_count} "
+                f"failed {pool.failed} ({pool.opened_total / elapsed:.0f}/s)"
+            )
+
+    pool.on_change = tick
+    try:
+        await pool.ramp(
+            count, rate=rate, concurrency=cfg.concurrency, sources=sources, deadline=deadline
+        )
+    finally:
+        pool.on_change = None
+    progress.update(f"connected {pool.opened_total}/{count} failed {pool.failed}")
+    return time.monotonic() - started
+
+
+def connection_checks(result: RunResult, pool: ClientPool, expected: int) -> None:
+    result.check(
+        pool.opened_total == expected,
+        f"{pool.opened_total} of {expected} clients connected "
+        f"({pool.failed} failed: {dict(pool.errors.most_common(3))})",
+    )
+    result.check(
+        pool.lost_while_open == 0 and pool.server_closes == 0,
+        f"{pool.lost_while_open} clients lost, {pool.server_closes} closed by the server",
+    )
+
+
+def connection_metrics(pool: ClientPool, seconds: float) -> dict[str, float]:
+    return {
+        "clients_connected": pool.opened_total,
+        "clients_failed": pool.failed,
+        "connect_rate_per_s": pool.opened_total / seconds if seconds > 0 else math.nan,
+        **latency_summary(pool.handshake_times, "upgrade"),
+    }
+
+
+async def sleep_watching(seconds: float, server: ServerProcess, step: float = 0.2) -> bool:
+    """Sleep up to `seconds`, returning False early if the server process died."""
+    end = time.monotonic() + seconds
+    while (remaining := end - time.monotonic()) > 0:
+        if not server.alive():
+            return False
+        await asyncio.sleep(min(step, remaining))
+    return server.alive()
+
+
+# connections --------------------------------------------------------------------------
+
+
+async def run_connections(
+    cfg: Config, server: ServerProcess, sampler: TreeSampler, progress: Progress
+) -> RunResult:
+    """Ramp to N idle clients at a set rate, hold, then measure memory and CPU."""
+    result = RunResult(server.kind.name)
+    pool = ClientPool(cfg.host, cfg.port or server.port)
+    await asyncio.sleep(0.5)
+    base = sampler.memory()
+    series: list[list[float]] = [[0, base.uss, base.rss]]
+    last_sample = time.monotonic()
+
+    def sample() -> None:
+        nonlocal last_sample
+        if time.monotonic() - last_sample >= cfg.sample_interval:
+            last_sample = time.monotonic()
+            memory = sampler.memory()
+            series.append([pool.open_count, memory.uss, memory.rss])
+            progress.note(f"USS {format_bytes(memory.uss)}")
+
+    seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=cfg.rate, on_tick=sample)
+    progress.update(f"holding {pool.open_count} clients for {cfg.hold:g} s")
+    alive = await sleep_watching(cfg.hold, server)
+    memory = sampler.memory()
+    series.append([pool.open_count, memory.uss, memory.rss])
+    progress.update(f"measuring {pool.open_count} idle clients for {cfg.measure:g} s")
+    window = sampler.begin_window()
+    alive = alive and await sleep_watching(cfg.measure, server)
+    stats = sampler.end_window(window, connections_port=server.port)
+    result.check(alive, "the server exited during the run")
+    connection_checks(result, pool, cfg.clients)
+    clients = max(pool.open_count, 1)
+    result.metrics = {
+        **connection_metrics(pool, seconds),
+        "uss_base_bytes": base.uss,
+        "uss_bytes": stats["server_uss_bytes"],
+        "rss_bytes": stats["server_rss_bytes"],
+        "uss_per_client_bytes": (stats["server_uss_bytes"] - base.uss) / clients,
+        "rss_per_client_bytes": (stats["server_rss_bytes"] - base.rss) / clients,
+        "server_fds": stats["server_fds"],
+        "server_cpu_percent": stats["server_cpu_percent"],
+        "loadgen_cpu_percent": stats["loadgen_cpu_percent"],
+    }
+    result.details = {"window": stats, "errors": dict(pool.errors)}
+    result.series = {"memory": series}
+    await pool.close_all()
+    return result
+
+
+# echo -----------------------------------------------------------------------------------
+
+
+class EchoPool(ClientPool):
+    """Closed loop: each echo received sends the next message (pipeline depth kept)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.frame = b""
+        self.payload = b""
+        self.opcode = wire.Opcode.BINARY
+        self.reset()
+
+    def reset(self) -> None:
+        self.sending = False
+        self.recording = False
+        self.remaining = -1  # messages still allowed; -1: until told to stop
+        self.sent = 0
+        self.received = 0
+        self.recorded = 0
+        self.mismatched = 0
+        self.unexpected = 0
+        self.latencies: list[float] = []
+        self.drained = asyncio.Event()
+
+    def start(self, depth: int) -> None:
+        self.sending = True
+        for client in self.clients:
+            if client.data is None:
+                client.data = deque()
+            for _ in range(depth):
+                if self.remaining == 0:
+                    break
+                self._send(client, time.perf_counter())
+
+    def _send(self, client: WsClient, now: float) -> None:
+        client.send_frame(self.frame)
+        client.data.append(now)
+        self.sent += 1
+        if self.remaining > 0:
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.sending = False
+
+    def stop(self) -> None:
+        self.sending = False
+        if self.received >= self.sent:
+            self.drained.set()
+
+    def on_message(self, client: WsClient, opcode: int, payload: bytes) -> None:
+        now = time.perf_counter()
+        pending: deque[float] | None = client.data
+        if not pending:
+            self.unexpected += 1
+            return
+        sent_at = pending.popleft()
+        self.received += 1
+        if opcode != self.opcode or payload != self.payload:
+            self.mismatched += 1
+        if self.recording:
+            self.recorded += 1
+            self.latencies.append(now - sent_at)
+        if self.sending:
+            self._send(client, now)
+        if not self.sending and self.received >= self.sent:
+            self.drained.set()
+
+
+async def run_echo(
+    cfg: Config, server: ServerProcess, sampler: TreeSampler, progress: Progress
+) -> RunResult:
+    """C clients echo in a closed loop at each message size: messages/s and round trips."""
+    result = RunResult(server.kind.name)
+    pool = EchoPool(cfg.host, cfg.port or server.port)
+    seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=0)
+    result.metrics.update(connection_metrics(pool, seconds))
+    rng = random.Random(cfg.seed)
+    per_size: dict[str, Any] = {}
+    for size in cfg.sizes:
+        if pool.open_count == 0 or not server.alive():
+            break
+        if cfg.text:
+            letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+            payload = "".join(rng.choice(letters) for _ in range(size)).encode()
+            opcode = wire.Opcode.TEXT
+        else:
+            payload = rng.randbytes(size)
+            opcode = wire.Opcode.BINARY
+        pool.reset()
+        pool.payload, pool.opcode = payload, opcode
+        pool.frame = wire.encode_frame(opcode, payload, mask=rng.randbytes(4))
+        if cfg.messages > 0:
+            pool.remaining = cfg.messages
+        label = format_bytes(size)
+        progress.update(f"echo {label}: warming up")
+        pool.recording = cfg.warmup <= 0
+        pool.start(cfg.pipeline)
+        if cfg.warmup > 0:
+            await _wait_or_timeout(pool.drained.wait(), cfg.warmup)
+            pool.recording = True
+        window = sampler.begin_window()
+        started = time.perf_counter()
+        progress.update(f"echo {label}: measuring for up to {cfg.duration:g} s")
+        await _wait_or_timeout(pool.drained.wait(), cfg.duration)
+        elapsed = time.perf_counter() - started
+        recorded = pool.recorded
+        stats = sampler.end_window(window)
+        pool.stop()
+        drained = await _wait_or_timeout(pool.drained.wait(), 10.0)
+        result.check(drained, f"echo {label}: {pool.sent - pool.received} echoes never came back")
+        result.check(pool.received == pool.sent, f"echo {label}: sent {pool.sent}, got {pool.received}")
+        result.check(pool.mismatched == 0, f"echo {label}: {pool.mismatched} echoes differed")
+        result.check(pool.unexpected == 0, f"echo {label}: {pool.unexpected} unexpected messages")
+        result.check(recorded > 0, f"echo {label}: no echo measured")
+        key = f"{size}B"
+        metrics = {
+            f"echo_{key}_messages_per_s": recorded / elapsed if elapsed > 0 else math.nan,
+            **latency_summary(pool.latencies, f"echo_{key}_rtt"),
+            f"echo_{key}_server_cpu_percent": stats["server_cpu_percent"],
+            f"echo_{key}_loadgen_cpu_percent": stats["loadgen_cpu_percent"],
+        }
+        result.metrics.update(metrics)
+        per_size[key] = {
+            "sent": pool.sent,
+            "received": pool.received,
+            "measured": recorded,
+            "window": stats,
+        }
+        result.series[f"rtt_{key}"] = quantiles(pool.latencies)
+    result.check(server.alive(), "the server exited during the run")
+    connection_checks(result, pool, cfg.clients)
+    result.details = {"sizes": per_size, "errors": dict(pool.errors)}
+    await pool.close_all()
+    return result
+
+
+async def _wait_or_timeout(awaitable: Awaitable[Any], seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(max(seconds, 0.0)):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
+
+
+# fanout ---------------------------------------------------------------------------------
+
+
+class FanoutPool(ClientPool):
+    """Counts broadcast deliveries; when every client has one, the next is sent."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.frames: list[bytes] = []
+        self.current = -1
+        self.expected = 0
+        self.count = 0
+        self.deliveries = 0
+        self.foreign = 0
+        self.out_of_order = 0
+        self.sent_at = 0.0
+        self.latencies: list[float] = []
+        self.sender: WsClient | None = None
+        self.finished = asyncio.Event()
+        self.last_progress = time.monotonic()
+
+    def send_round(self, number: int) -> None:
+        if number >= len(self.frames) or self.sender is None:
+            self.finished.set()
+            return
+        self.current = number
+        self.count = 0
+        self.sent_at = time.perf_counter()
+        self.sender.send_frame(self.frames[number])
+
+    def on_message(self, client: WsClient, opcode: int, payload: bytes) -> None:
+        now = time.perf_counter()
+        try:
+            number = int(payload[:8]) if opcode == wire.Opcode.TEXT else -1
+        except ValueError:
+            number = -1
+        if number != self.current:
+            self.foreign += 1
+            return
+        if client.data != number - 1:
+            self.out_of_order += 1
+        client.data = number
+        self.count += 1
+        self.deliveries += 1
+        if self.count == self.expected:
+            self.latencies.append(now - self.sent_at)
+            self.last_progress = time.monotonic()
+            self.send_round(number + 1)
+
+
+async def run_fanout(
+    cfg: Config, server: ServerProcess, sampler: TreeSampler, progress: Progress
+) -> RunResult:
+    """One client asks M times for a broadcast to N clients, each after the last arrived."""
+    result = RunResult(server.kind.name)
+    pool = FanoutPool(cfg.host, cfg.port or server.port)
+    seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=0)
+    result.metrics.update(connection_metrics(pool, seconds))
+    connection_checks(result, pool, cfg.clients)
+    open_clients = [client for client in pool.clients if client.state == 1]
+    if not open_clients:
+        result.check(False, "no client connected")
+        return result
+    for client in open_clients:
+        client.data = -1
+    rng = random.Random(cfg.seed)
+    for number in range(cfg.broadcasts):
+        body = f"{number:08d}".ljust(max(cfg.payload, 8), "x").encode()
+        pool.frames.append(
+            wire.encode_frame(wire.Opcode.TEXT, BROADCAST_PREFIX + body, mask=rng.randbytes(4))
+        )
+    pool.expected = len(open_clients)
+    pool.sender = open_clients[0]
+    await asyncio.sleep(0.2)
+    window = sampler.begin_window()
+    started = time.perf_counter()
+    pool.last_progress = time.monotonic()
+    pool.send_round(0)
+    while not pool.finished.is_set():
+        await _wait_or_timeout(pool.finished.wait(), 0.25)
+        progress.update(
+            f"fanout: broadcast {len(pool.latencies)}/{cfg.broadcasts} to {pool.expected} clients"
+        )
+        if time.monotonic() - pool.last_progress > cfg.round_timeout or not server.alive():
+            break
+    elapsed = time.perf_counter() - started
+    stats = sampler.end_window(window, connections_port=server.port)
+    rounds = len(pool.latencies)
+    result.check(server.alive(), "the server exited during the run")
+    result.check(
+        rounds == cfg.broadcasts,
+        f"{rounds} of {cfg.broadcasts} broadcasts reached every client "
+        f"(round {pool.current}: {pool.count}/{pool.expected} after {cfg.round_timeout:g} s)",
+    )
+    result.check(
+        pool.deliveries == rounds * pool.expected + (pool.count if rounds < cfg.broadcasts else 0),
+        f"{pool.deliveries} deliveries counted for {rounds} complete broadcasts",
+    )
+    result.check(pool.foreign == 0, f"{pool.foreign} messages that were not the current broadcast")
+    result.check(pool.out_of_order == 0, f"{pool.out_of_order} broadcasts arrived out of order")
+    result.metrics.update(
+        {
+            "fanout_clients": pool.expected,
+            "fanout_broadcasts": rounds,
+            "fanout_deliveries": pool.deliveries,
+            "fanout_deliveries_per_s": pool.deliveries / elapsed if elapsed > 0 else math.nan,
+            "fanout_broadcasts_per_s": rounds / elapsed if elapsed > 0 else math.nan,
+            **latency_summary(pool.latencies, "fanout_last"),
+            "server_cpu_percent": stats["server_cpu_percent"],
+            "loadgen_cpu_percent": stats["loadgen_cpu_percent"],
+        }
+    )
+    result.details = {"window": stats, "errors": dict(pool.errors)}
+    result.series = {"fanout_last": quantiles(pool.latencies)}
+    await pool.close_all()
+    return result
+
+
+# handshake ------------------------------------------------------------------------------
+
+
+class HandshakePool(ClientPool):
+    """Connects and closes over and over; keeps counters, not clients."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.created = 0
+        self.cycles: list[float] = []
+        self.clean = 0
+        self.unclean = 0
+
+    def new_client(self) -> WsClient:
+        self.created += 1
+        return WsClient(self, self.created, self.host, self.port)
+
+
+async def run_handshake(
+    cfg: Config, server: ServerProcess, sampler: TreeSampler, progress: Progress
+) -> RunResult:
+    """Connect, upgrade, close, again: connections per second with K in flight."""
+    result = RunResult(server.kind.name)
+    pool = HandshakePool(cfg.host, cfg.port or server.port)
+    sources = source_addresses(cfg.host, cfg.count, cfg.source_addresses)
+    total = cfg.count
+    end = time.monotonic() + min(cfg.duration if cfg.duration > 0 else math.inf, cfg.timeout)
+    loop = asyncio.get_running_loop()
+    started_count = 0
+
+    async def cycle_forever() -> None:
+        nonlocal started_count
+        while started_count < total and time.monotonic() < end:
+            started_count += 1
+            client = await pool.connect_one(sources[started_count % len(sources)], 10.0)
+            if client is None:
+                continue
+            client.waiter = loop.create_future()
+            client.close()
+            try:
+                async with asyncio.timeout(5.0):
+                    await client.waiter
+            except TimeoutError:
+                client.abort()
+                pool.unclean += 1
+                continue
+            finally:
+                client.waiter = None
+            pool.cycles.append(time.perf_counter() - client.t_start)
+            if client.close_code == wire.CloseCode.NORMAL_CLOSURE:
+                pool.clean += 1
+            else:
+                pool.unclean += 1
+
+    async def show() -> None:
+        while True:
+            progress.update(f"handshake: {len(pool.cycles)}/{total} done, {pool.failed} failed")
+            await asyncio.sleep(0.25)
+
+    window = sampler.begin_window()
+    started = time.perf_counter()
+    shower = asyncio.create_task(show())
+    try:
+        await asyncio.gather(*(cycle_forever() for _ in range(max(1, min(cfg.clients, total)))))
+    finally:
+        shower.cancel()
+    elapsed = time.perf_counter() - started
+    stats = sampler.end_window(window)
+    done = len(pool.cycles)
+    result.check(server.alive(), "the server exited during the run")
+    result.check(pool.failed == 0, f"{pool.failed} upgrades failed: {dict(pool.errors.most_common(3))}")
+    result.check(
+        done == total or time.monotonic() >= end,
+        f"{done} of {total} cycles completed",
+    )
+    result.check(done > 0, "no cycle completed")
+    result.check(pool.unclean == 0, f"{pool.unclean} closes without an echoed 1000 or timely TCP close")
+    result.metrics = {
+        "handshakes": done,
+        "handshakes_failed": pool.failed,
+        "handshakes_per_s": done / elapsed if elapsed > 0 else math.nan,
+        **latency_summary(pool.handshake_times, "upgrade"),
+        **latency_summary(pool.cycles, "cycle"),
+        "server_cpu_percent": stats["server_cpu_percent"],
+        "loadgen_cpu_percent": stats["loadgen_cpu_percent"],
+    }
+    result.details = {"window": stats, "errors": dict(pool.errors), "clean_closes": pool.clean}
+    result.series = {"upgrade": quantiles(pool.handshake_times), "cycle": quantiles(pool.cycles)}
+    return result
+
+
+Scenario = Callable[[Config, ServerProcess, TreeSampler, Progress], Awaitable[RunResult]]
+
+SCENARIO_RUNNERS: dict[str, Scenario] = {
+    "connections": run_connections,
+    "echo": run_echo,
+    "fanout": run_fanout,
+    "handshake": run_handshake,
+}
