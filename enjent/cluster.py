@@ -1,0 +1,547 @@
+"""The bus client of one worker: one logical server over ZeroMQ pub/sub.
+
+Cluster layer (layer 3 of DESIGN.md). A :class:`ClusterClient` is plugged
+into a :class:`~enjent.WebSocketServer` as ``server.cluster`` in each worker
+process, after fork. It publishes this worker's client events and its
+cross-shard messages, delivers what other workers publish, and keeps the
+directory of every client of the cluster. The wire format is in
+:mod:`enjent.bus`.
+
+Directory consistency: connect/disconnect events keep it current; every
+worker sends a heartbeat with its client count each second, and a worker
+whose view of a peer disagrees with that count twice in a row asks the peer
+for a snapshot (this also brings a (re)started worker up to date); a peer
+that restarts (new generation), that the supervisor reports dead, or that
+stays silent for ``peer_timeout`` has its clients purged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from . import bus
+from .bus import Kind
+from .exceptions import BusError
+from .frames import CloseCode
+
+if TYPE_CHECKING:
+    from .client import WebSocketClient
+    from .server import WebSocketServer
+
+__all__ = ["ClusterClient", "RemoteClient"]
+
+logger = logging.getLogger("enjent.cluster")
+
+#: Most envelopes handled per event-loop callback, so one busy bus cannot
+#: starve the clients' sockets.
+_RECEIVE_BATCH = 512
+_DEDUP_WINDOW = 1024
+
+
+class RemoteClient:
+    """A client connected to another worker: ``send`` and ``close`` cross the bus."""
+
+    __slots__ = ("_cluster", "connected_at", "id", "path", "shard")
+
+    def __init__(
+        self, cluster: ClusterClient, client_id: str, shard: int, path: str, connected_at: float
+    ) -> None:
+        self._cluster = cluster
+        self.id = client_id
+        self.shard = shard
+        self.path = path
+        self.connected_at = connected_at
+
+    @property
+    def is_open(self) -> bool:
+        return self.id in self._cluster.directory
+
+    def send(self, data: str | bytes) -> bool:
+        """Send a message through the bus; ``False`` if the client is gone."""
+        return self._cluster.send_to(self.id, data)
+
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Ask the owning worker to close this client."""
+        self._cluster.close_remote(self.id, code, reason)
+
+    def __repr__(self) -> str:
+        return f"<RemoteClient {self.id} on worker {self.shard} {self.path!r}>"
+
+
+@dataclass
+class Peer:
+    """What this worker knows of another worker, from its heartbeats."""
+
+    generation: str
+    pid: int = 0
+    clients: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    last_heartbeat: float = 0.0
+    mismatches: int = 0
+
+
+def shard_of(client_id: str) -> int | None:
+    """The worker that owns ``client_id`` (ids start with ``<shard>-``)."""
+    head, sep, _ = client_id.partition("-")
+    if not sep or not head.isdigit():
+        return None
+    return int(head)
+
+
+class ClusterClient:
+    """One worker's connection to the bus (PUB to the broker's XSUB, SUB to its XPUB).
+
+    Create it in the worker process, after fork, then :meth:`start` it on
+    the running loop before the server starts accepting clients.
+    """
+
+    def __init__(
+        self,
+        server: WebSocketServer,
+        *,
+        shard: int,
+        publish_endpoint: str,
+        subscribe_endpoint: str,
+        high_water_mark: int = 100_000,
+        max_publish_rate: float = 200_000.0,
+        heartbeat_interval: float = 1.0,
+        peer_timeout: float = 5.0,
+    ) -> None:
+        self.server = server
+        self.shard = shard
+        self.generation = server._generation
+        self.publish_endpoint = publish_endpoint
+        self.subscribe_endpoint = subscribe_endpoint
+        self.high_water_mark = high_water_mark
+        self.max_publish_rate = max_publish_rate
+        self.heartbeat_interval = heartbeat_interval
+        self.peer_timeout = peer_timeout
+        #: Every client of the cluster: id -> (shard, path, connected_at).
+        self.directory: dict[str, tuple[int, str, float]] = {}
+        self._shard_counts: collections.Counter[int] = collections.Counter()
+        self.peers: dict[int, Peer] = {}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("sent", "received", "dropped", "malformed", "gaps", "rate_limited"), 0
+        )
+        self._seq: dict[bytes, int] = {}
+        self._last_seq: dict[bytes, dict[tuple[int, str], int]] = {}
+        self._room_message_id = 0
+        self._recent_room_messages: collections.deque[tuple[int, str, int]] = collections.deque()
+        self._recent_room_set: set[tuple[int, str, int]] = set()
+        self._tokens = max_publish_rate
+        self._tokens_at = 0.0
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._pub: zmq.Socket[bytes] | None = None
+        self._sub: zmq.Socket[bytes] | None = None
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._last_rate_warning = 0.0
+        self._last_malformed_warning = -10.0
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Create the sockets (in this process), subscribe, announce this worker."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._tokens_at = loop.time()
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        pub = context.socket(zmq.PUB)
+        sub = context.socket(zmq.SUB)
+        for sock in (pub, sub):
+            sock.setsockopt(zmq.LINGER, 500)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        pub.setsockopt(zmq.SNDHWM, self.high_water_mark)
+        sub.setsockopt(zmq.RCVHWM, self.high_water_mark)
+        sub.setsockopt(zmq.MAXMSGSIZE, bus.MAX_BODY + 4096)
+        pub.connect(self.publish_endpoint)
+        sub.connect(self.subscribe_endpoint)
+        for topic in (bus.TOPIC_ALL, bus.TOPIC_DIRECTORY, bus.shard_topic(self.shard)):
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._context, self._pub, self._sub = context, pub, sub
+        self._fd = int(sub.getsockopt(zmq.FD))
+        loop.add_reader(self._fd, self._on_readable)
+        self._heartbeat_task = loop.create_task(self._heartbeat_forever())
+        self.directory_add_local_all()
+        loop.call_soon(self._on_readable)
+
+    def directory_add_local_all(self) -> None:
+        for client in self.server._clients.values():
+            self._directory_add(client.id, self.shard, client.request.path, client.connected_at)
+
+    async def close(self) -> None:
+        """Stop the heartbeat and close the sockets (pending messages get 0.5 s)."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
+        for sock in (self._pub, self._sub):
+            if sock is not None:
+                sock.close()
+        self._pub = self._sub = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    # -------------------------------------------------------------- publish
+
+    def _publish(self, topic: bytes, kind: Kind, *fields: Any) -> bool:
+        pub = self._pub
+        if pub is None:
+            return False
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        rate = self.max_publish_rate
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self.counters["rate_limited"] += 1
+            if now - self._last_rate_warning > 5.0:
+                self._last_rate_warning = now
+                logger.warning(
+                    "bus publish rate over %d/s: messages dropped (counted as rate_limited)",
+                    int(rate),
+                )
+            return False
+        self._tokens -= 1.0
+        seq = self._seq.get(topic, 0) + 1
+        if len(self._seq) > 10_000 and topic not in self._seq:
+            # bound memory: receivers see the restart as a reset, not a gap
+            self._seq = {key: value for key, value in self._seq.items() if key[:1] != b"R"}
+        self._seq[topic] = seq
+        body = bus.encode(kind, self.shard, self.generation, seq, *fields)
+        try:
+            pub.send_multipart((topic, body), flags=zmq.NOBLOCK, copy=len(body) < 65536)
+        except zmq.Again:
+            self.counters["dropped"] += 1
+            return False
+        self.counters["sent"] += 1
+        return True
+
+    def publish_broadcast(self, frame: bytes, exclude_id: str | None) -> None:
+        self._publish(bus.TOPIC_ALL, Kind.BROADCAST, frame, exclude_id)
+
+    def publish_room(self, names: list[str], frame: bytes, exclude_id: str | None) -> None:
+        self._room_message_id += 1
+        for name in names:
+            self._publish(
+                bus.room_topic(name), Kind.ROOM, names, frame, exclude_id, self._room_message_id
+            )
+
+    def send_to(self, client_id: str, data: str | bytes) -> bool:
+        """Send to a client of any worker; ``False`` if it is not in the directory."""
+        shard = shard_of(client_id)
+        if shard is None:
+            return False
+        if shard == self.shard:
+            local = self.server._clients.get(client_id)
+            return local.send(data) if local is not None else False
+        if client_id not in self.directory:
+            return False
+        from .server import _encode_message
+
+        return self._publish(bus.shard_topic(shard), Kind.SEND, client_id, _encode_message(data))
+
+    def close_remote(self, client_id: str, code: int, reason: str) -> None:
+        shard = shard_of(client_id)
+        if shard is None:
+            return
+        if shard == self.shard:
+            local = self.server._clients.get(client_id)
+            if local is not None:
+                local.close(code, reason)
+            return
+        self._publish(bus.shard_topic(shard), Kind.CLOSE, client_id, int(code), reason)
+
+    # --------------------------------------------------- events from server
+
+    def client_connected(self, client: WebSocketClient) -> None:
+        self._directory_add(client.id, self.shard, client.request.path, client.connected_at)
+        self._publish(
+            bus.TOPIC_DIRECTORY, Kind.CONNECT, client.id, client.request.path, client.connected_at
+        )
+
+    def client_disconnected(self, client: WebSocketClient) -> None:
+        self._directory_remove(client.id)
+        self._publish(bus.TOPIC_DIRECTORY, Kind.DISCONNECT, client.id)
+
+    def room_created(self, name: str) -> None:
+        """The first local member joined: subscribe to the room's topic."""
+        topic = bus.room_topic(name)
+        self._last_seq.pop(topic, None)
+        if self._sub is not None:
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+            self._wake()
+
+    def room_deleted(self, name: str) -> None:
+        """The last local member left: unsubscribe, so its traffic stops here."""
+        topic = bus.room_topic(name)
+        self._last_seq.pop(topic, None)
+        if self._sub is not None:
+            self._sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            self._wake()
+
+    # ------------------------------------------------------------ directory
+
+    def _directory_add(self, client_id: str, shard: int, path: str, connected_at: float) -> None:
+        if client_id not in self.directory:
+            self._shard_counts[shard] += 1
+        self.directory[client_id] = (shard, path, connected_at)
+
+    def _directory_remove(self, client_id: str) -> None:
+        entry = self.directory.pop(client_id, None)
+        if entry is not None:
+            self._shard_counts[entry[0]] -= 1
+
+    def _purge(self, shard: int, keep_generation: str | None = None) -> int:
+        """Forget the clients of ``shard`` (except those of ``keep_generation``)."""
+        keep = f"{shard}-{keep_generation}-" if keep_generation else None
+        doomed = [
+            client_id
+            for client_id, entry in self.directory.items()
+            if entry[0] == shard and (keep is None or not client_id.startswith(keep))
+        ]
+        for client_id in doomed:
+            self._directory_remove(client_id)
+        if doomed:
+            logger.info("purged %d clients of worker %d from the directory", len(doomed), shard)
+        return len(doomed)
+
+    def client_count(self) -> int:
+        return len(self.directory)
+
+    def get_client(self, client_id: str) -> RemoteClient | None:
+        entry = self.directory.get(client_id)
+        if entry is None:
+            return None
+        return RemoteClient(self, client_id, entry[0], entry[1], entry[2])
+
+    def all_clients(self) -> list[Any]:
+        local = self.server._clients
+        return [
+            local[client_id]
+            if client_id in local
+            else RemoteClient(self, client_id, entry[0], entry[1], entry[2])
+            for client_id, entry in self.directory.items()
+        ]
+
+    def health(self) -> dict[str, Any]:
+        server = self.server
+        workers = [
+            {
+                "shard": self.shard,
+                "pid": os.getpid(),
+                "clients": len(server._clients),
+                "generation": self.generation,
+            }
+        ]
+        now = time.monotonic()
+        for shard, peer in sorted(self.peers.items()):
+            workers.append(
+                {
+                    "shard": shard,
+                    "pid": peer.pid,
+                    "clients": peer.clients,
+                    "generation": peer.generation,
+                    "heartbeat_age": round(now - peer.last_heartbeat, 3),
+                }
+            )
+        return {
+            "status": "ok",
+            "clients": len(self.directory),
+            "local_clients": len(server._clients),
+            "shard": self.shard,
+            "workers": workers,
+            "bus": dict(self.counters),
+            "stats": dict(server.stats),
+        }
+
+    # -------------------------------------------------------------- receive
+
+    def _wake(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        sub = self._sub
+        if sub is None:
+            return
+        for _ in range(_RECEIVE_BATCH):
+            try:
+                parts = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:
+                logger.warning("bus receive failed: %s", exc)
+                break
+            self.counters["received"] += 1
+            if len(parts) != 2:
+                self.counters["malformed"] += 1
+                continue
+            try:
+                self._handle(parts[0], parts[1])
+            except BusError as exc:
+                self.counters["malformed"] += 1
+                now = time.monotonic()
+                if now - self._last_malformed_warning > 5.0:  # logged once, then counted
+                    self._last_malformed_warning = now
+                    logger.warning("dropped a malformed bus envelope: %s", exc)
+            except Exception:
+                self.counters["malformed"] += 1
+                logger.exception("error handling a bus envelope")
+        if self._sub is not None and int(self._sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            assert self._loop is not None
+            self._loop.call_soon(self._on_readable)
+
+    def _track_seq(self, topic: bytes, origin: int, generation: str, seq: int) -> None:
+        per_topic = self._last_seq.get(topic)
+        if per_topic is None:
+            per_topic = self._last_seq[topic] = {}
+        key = (origin, generation)
+        last = per_topic.get(key)
+        if last is not None and seq > last + 1:
+            self.counters["gaps"] += seq - last - 1
+            logger.warning(
+                "bus gap: %d message(s) from worker %d lost on topic %r",
+                seq - last - 1,
+                origin,
+                topic,
+            )
+        per_topic[key] = seq
+
+    def _handle(self, topic: bytes, body: bytes) -> None:
+        kind, origin, generation, seq, fields = bus.decode(body)
+        own = origin == self.shard and generation == self.generation
+        if own:
+            return
+        self._track_seq(topic, origin, generation, seq)
+        server = self.server
+        if kind is Kind.BROADCAST:
+            frame, exclude_id = fields
+            _check_bytes(frame)
+            exclude = server._clients.get(exclude_id) if exclude_id else None
+            server._write_all(server._clients.values(), frame, exclude)
+        elif kind is Kind.ROOM:
+            names, frame, exclude_id, message_id = fields
+            _check_bytes(frame)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise BusError("ROOM envelope: names must be a list of str")
+            if len(names) > 1:
+                key = (origin, generation, int(message_id))
+                if key in self._recent_room_set:
+                    return
+                self._recent_room_set.add(key)
+                self._recent_room_messages.append(key)
+                if len(self._recent_room_messages) > _DEDUP_WINDOW:
+                    self._recent_room_set.discard(self._recent_room_messages.popleft())
+            exclude = server._clients.get(exclude_id) if exclude_id else None
+            server._deliver_rooms(names, frame, exclude)
+        elif kind is Kind.SEND:
+            client_id, frame = fields
+            _check_bytes(frame)
+            client = server._clients.get(client_id)
+            if client is not None and client._connection is not None:
+                client._connection.send_frame(frame)
+        elif kind is Kind.CLOSE:
+            client_id, code, reason = fields
+            client = server._clients.get(client_id)
+            if client is not None:
+                client.close(int(code), str(reason))
+        elif kind is Kind.CONNECT:
+            client_id, path, connected_at = fields
+            self._directory_add(str(client_id), origin, str(path), float(connected_at))
+        elif kind is Kind.DISCONNECT:
+            self._directory_remove(str(fields[0]))
+        elif kind is Kind.HEARTBEAT:
+            self._on_heartbeat(origin, generation, fields)
+        elif kind is Kind.HELLO:
+            self._peer(origin, generation)
+        elif kind is Kind.SNAPSHOT_REQ:
+            reply_shard = int(fields[0])
+            snapshot = [
+                [client.id, client.request.path, client.connected_at]
+                for client in server._clients.values()
+            ]
+            self._publish(bus.shard_topic(reply_shard), Kind.SNAPSHOT, snapshot)
+        elif kind is Kind.SNAPSHOT:
+            self._peer(origin, generation)
+            self._purge(origin)
+            for client_id, path, connected_at in fields[0]:
+                self._directory_add(str(client_id), origin, str(path), float(connected_at))
+        elif kind is Kind.DEAD:
+            shard, pid = int(fields[0]), int(fields[1])
+            peer = self.peers.get(shard)
+            if peer is not None and peer.pid == pid:
+                del self.peers[shard]
+                self._purge(shard)
+            elif peer is not None:
+                self._purge(shard, keep_generation=peer.generation)
+
+    def _peer(self, shard: int, generation: str) -> Peer:
+        peer = self.peers.get(shard)
+        if peer is None or peer.generation != generation:
+            # a new process for that shard: its predecessor's clients are gone
+            self._purge(shard, keep_generation=generation)
+            peer = self.peers[shard] = Peer(generation, last_heartbeat=time.monotonic())
+        return peer
+
+    def _on_heartbeat(self, origin: int, generation: str, fields: list[Any]) -> None:
+        pid, clients, stats = fields
+        peer = self._peer(origin, generation)
+        peer.pid = int(pid)
+        peer.clients = int(clients)
+        peer.stats = stats if isinstance(stats, dict) else {}
+        peer.last_heartbeat = time.monotonic()
+        if self._shard_counts.get(origin, 0) != peer.clients:
+            peer.mismatches += 1
+            if peer.mismatches >= 2:
+                peer.mismatches = 0
+                self._publish(bus.shard_topic(origin), Kind.SNAPSHOT_REQ, self.shard)
+        else:
+            peer.mismatches = 0
+
+    async def _heartbeat_forever(self) -> None:
+        # announce, then ask everyone for their clients (again shortly after:
+        # subscriptions take a moment to reach the broker)
+        self._publish(bus.TOPIC_DIRECTORY, Kind.HELLO)
+        for delay in (0.05, 0.3):
+            await asyncio.sleep(delay)
+            self._publish(bus.TOPIC_DIRECTORY, Kind.SNAPSHOT_REQ, self.shard)
+        while True:
+            self._publish(
+                bus.TOPIC_DIRECTORY,
+                Kind.HEARTBEAT,
+                os.getpid(),
+                len(self.server._clients),
+                dict(self.counters),
+            )
+            now = time.monotonic()
+            for shard, peer in list(self.peers.items()):
+                if now - peer.last_heartbeat > self.peer_timeout:
+                    logger.warning(
+                        "worker %d silent for %.1fs: forgetting it", shard, self.peer_timeout
+                    )
+                    del self.peers[shard]
+                    self._purge(shard)
+            await asyncio.sleep(self.heartbeat_interval)
+
+
+def _check_bytes(value: Any) -> None:
+    if not isinstance(value, bytes):
+        raise BusError("frame field must be bytes")

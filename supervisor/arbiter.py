@@ -1,0 +1,465 @@
+"""The prefork supervisor ("arbiter"): forks workers and the broker, watches them.
+
+Supervisor layer (layer 4 of DESIGN.md), in the manner of gunicorn's arbiter:
+signal handlers only enqueue the signal and wake the main loop; one loop
+reaps children, dispatches signals (``handle_term``, ``handle_hup``, ...),
+restarts what died and waits, always with a timeout.
+
+- A worker that dies after it booted is restarted at once; the broker tells
+  the other workers to purge its clients.
+- A worker that dies before it booted (the app does not import, the port is
+  taken) stops everything with a clear message: no restart loop.
+- SIGTERM/SIGINT: workers get SIGTERM (each sends Close 1001 to its clients
+  and stops within ``close_timeout``); stragglers are killed after a margin;
+  the runtime directory with the ipc sockets is removed.
+- SIGHUP: replace the workers one at a time (the app module is re-imported
+  when it was given as ``MODULE:ATTR``). SIGTTIN / SIGTTOU: one worker more
+  / less. If the broker dies it is restarted; the workers' ZeroMQ sockets
+  reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import ssl as ssl_module
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, worker_main
+
+if TYPE_CHECKING:
+    from enjent import WebSocketServer
+
+__all__ = ["APP_LOAD_ERROR", "USAGE_ERROR", "WORKER_BOOT_ERROR", "Arbiter", "run_cluster"]
+
+logger = logging.getLogger("enjent.supervisor")
+
+USAGE_ERROR = 2
+_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+)
+#: Seconds a worker may take to bind and report ready.
+BOOT_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass
+class Worker:
+    shard: int
+    pid: int
+    ready_fd: int
+    started_at: float
+    booted: bool = False
+    retiring: bool = False
+
+
+class Arbiter:
+    """Runs ``workers`` copies of the app on ``host:port`` as one logical server."""
+
+    def __init__(
+        self,
+        load_app: Callable[[], WebSocketServer],
+        host: str,
+        port: int,
+        *,
+        workers: int,
+        ssl: ssl_module.SSLContext | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.load_app = load_app
+        self.host = host
+        self.port = port
+        self.num_workers = workers
+        self.ssl = ssl
+        self.close_timeout = close_timeout
+        self.workers: dict[int, Worker] = {}
+        self.broker_pid = 0
+        self.broker_control = -1
+        self.runtime_dir = ""
+        self.publish_endpoint = ""
+        self.subscribe_endpoint = ""
+        self.exit_code = 0
+        self._signal_queue: list[int] = []
+        self._wakeup_read = -1
+        self._wakeup_write = -1
+        self._stopping = False
+        self._replace_queue: list[int] = []
+        self._port_reservation: socket.socket | None = None
+
+    # ---------------------------------------------------------------- run
+
+    def run(self) -> int:
+        """Serve until stopped; return the exit code (see the package docstring)."""
+        try:
+            self._reserve_port()
+        except OSError as exc:
+            logger.error("cannot listen on %s:%s: %s", self.host, self.port, exc.strerror or exc)
+            return WORKER_BOOT_ERROR
+        self.runtime_dir = tempfile.mkdtemp(prefix="enjent-")  # mode 0700
+        self.publish_endpoint = f"ipc://{self.runtime_dir}/bus-in"
+        self.subscribe_endpoint = f"ipc://{self.runtime_dir}/bus-out"
+        self._install_signals()
+        try:
+            self._spawn_broker()
+            self._maintain()
+            logger.info(
+                "supervisor %d: %d workers on %s:%d",
+                os.getpid(),
+                self.num_workers,
+                self.host,
+                self.port,
+            )
+            while not self._stopping:
+                self._reap()
+                self._dispatch_signals()
+                if self._stopping:
+                    break
+                self._maintain()
+                self._wait(0.5)
+        except Exception:
+            logger.exception("supervisor error")
+            self.exit_code = self.exit_code or 1
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    # ------------------------------------------------------------- signals
+
+    def _install_signals(self) -> None:
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        os.set_blocking(self._wakeup_read, False)
+        os.set_blocking(self._wakeup_write, False)
+        for signum in _SIGNALS:
+            signal.signal(signum, self._enqueue_signal)
+
+    def _enqueue_signal(self, signum: int, frame: object) -> None:
+        """The signal handler: enqueue and wake the loop, nothing else."""
+        if len(self._signal_queue) < 16:
+            self._signal_queue.append(signum)
+        with contextlib.suppress(OSError):
+            os.write(self._wakeup_write, b"!")
+
+    def _dispatch_signals(self) -> None:
+        while self._signal_queue:
+            signum = self._signal_queue.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.handle_term(signum)
+            elif signum == signal.SIGHUP:
+                self.handle_hup()
+            elif signum == signal.SIGTTIN:
+                self.handle_ttin()
+            elif signum == signal.SIGTTOU:
+                self.handle_ttou()
+            # SIGCHLD only wakes the loop: _reap runs every iteration
+
+    def handle_term(self, signum: int) -> None:
+        logger.info("supervisor: %s, stopping", signal.Signals(signum).name)
+        self._stopping = True
+
+    def handle_hup(self) -> None:
+        logger.info("supervisor: SIGHUP, replacing the workers one by one")
+        self._replace_queue = sorted(worker.shard for worker in self.workers.values())
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        logger.info("supervisor: SIGTTIN, now %d workers", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        if self.num_workers <= 1:
+            logger.info("supervisor: SIGTTOU ignored, one worker is the minimum")
+            return
+        self.num_workers -= 1
+        logger.info("supervisor: SIGTTOU, now %d workers", self.num_workers)
+        for worker in self.workers.values():
+            if worker.shard >= self.num_workers and not worker.retiring:
+                self._retire(worker)
+
+    # ------------------------------------------------------------ children
+
+    def _fork(self, child: Callable[[], int]) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: never return into the supervisor's loop
+            code = 1
+            try:
+                for signum in _SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                for fd in (self._wakeup_read, self._wakeup_write):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                if self._port_reservation is not None:
+                    self._port_reservation.close()
+                code = child()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                logger.exception("child process failed")
+            finally:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        return pid
+
+    def _spawn_broker(self) -> None:
+        from .broker import broker_main
+
+        read_fd, write_fd = os.pipe()
+        publish, subscribe = self.publish_endpoint, self.subscribe_endpoint
+
+        def child() -> int:
+            os.close(write_fd)
+            for worker in self.workers.values():
+                with contextlib.suppress(OSError):
+                    os.close(worker.ready_fd)
+            return broker_main(publish, subscribe, read_fd)
+
+        pid = self._fork(child)
+        os.close(read_fd)
+        if self.broker_control >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.broker_control)
+        self.broker_pid = pid
+        self.broker_control = write_fd
+        logger.info("broker started (pid %d)", pid)
+
+    def _spawn_worker(self, shard: int) -> None:
+        read_fd, write_fd = os.pipe()
+        parent_pid = os.getpid()
+        options = {
+            "shard": shard,
+            "host": self.host,
+            "port": self.port,
+            "publish_endpoint": self.publish_endpoint,
+            "subscribe_endpoint": self.subscribe_endpoint,
+            "ready_fd": write_fd,
+            "parent_pid": parent_pid,
+            "ssl": self.ssl,
+        }
+
+        def child() -> int:
+            os.close(read_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.broker_control)
+            for worker in self.workers.values():
+                with contextlib.suppress(OSError):
+                    os.close(worker.ready_fd)
+            return worker_main(self.load_app, **options)  # type: ignore[arg-type]
+
+        pid = self._fork(child)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self.workers[pid] = Worker(shard, pid, read_fd, time.monotonic())
+        logger.info("worker %d started (pid %d)", shard, pid)
+
+    def _retire(self, worker: Worker) -> None:
+        worker.retiring = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGTERM)
+
+    def _maintain(self) -> None:
+        """Start the missing workers; go on with a SIGHUP replacement."""
+        if self._stopping:
+            return
+        live = {w.shard for w in self.workers.values() if not w.retiring}
+        for shard in range(self.num_workers):
+            if shard not in live and not any(w.shard == shard for w in self.workers.values()):
+                self._spawn_worker(shard)
+        if self._replace_queue and all(w.booted for w in self.workers.values()):
+            shard = self._replace_queue.pop(0)
+            for worker in self.workers.values():
+                if worker.shard == shard and not worker.retiring:
+                    self._retire(worker)
+                    break
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if pid == self.broker_pid:
+                self.broker_pid = 0
+                if not self._stopping:
+                    logger.error("broker (pid %d) died (%s); restarting it", pid, _describe(code))
+                    self._spawn_broker()
+                continue
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._read_ready(worker)
+            with contextlib.suppress(OSError):
+                os.close(worker.ready_fd)
+            self._announce_dead(worker)
+            if worker.retiring or self._stopping:
+                logger.info("worker %d (pid %d) stopped (%s)", worker.shard, pid, _describe(code))
+            elif not worker.booted:
+                logger.error(
+                    "worker %d (pid %d) failed to boot (%s): stopping, see the error above",
+                    worker.shard,
+                    pid,
+                    _describe(code),
+                )
+                self.exit_code = code if code in (WORKER_BOOT_ERROR, APP_LOAD_ERROR) else 3
+                self._stopping = True
+            else:
+                logger.error(
+                    "worker %d (pid %d) died (%s); restarting it",
+                    worker.shard,
+                    pid,
+                    _describe(code),
+                )
+
+    def _announce_dead(self, worker: Worker) -> None:
+        if self.broker_control < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.broker_control, b"dead %d %d\n" % (worker.shard, worker.pid))
+
+    def _read_ready(self, worker: Worker) -> None:
+        try:
+            if os.read(worker.ready_fd, 16):
+                if not worker.booted:
+                    logger.info("worker %d (pid %d) ready", worker.shard, worker.pid)
+                worker.booted = True
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wait(self, timeout: float) -> None:
+        fds = [self._wakeup_read] + [w.ready_fd for w in self.workers.values() if not w.booted]
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        if self._wakeup_read in readable:
+            with contextlib.suppress(OSError):
+                while os.read(self._wakeup_read, 512):
+                    pass
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if not worker.booted:
+                self._read_ready(worker)
+                if not worker.booted and now - worker.started_at > BOOT_TIMEOUT:
+                    logger.error("worker %d did not boot within %ss", worker.shard, BOOT_TIMEOUT)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------ shutdown
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.close_timeout + 3.0
+        while self.workers and time.monotonic() < deadline:
+            self._reap()
+            if self.workers:
+                time.sleep(0.05)
+        for worker in list(self.workers.values()):
+            logger.warning("worker %d (pid %d) did not stop: killing it", worker.shard, worker.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+        kill_deadline = time.monotonic() + 5.0
+        while self.workers and time.monotonic() < kill_deadline:
+            self._reap()
+            time.sleep(0.02)
+        if self.broker_control >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.broker_control)  # the broker exits at end of file
+            self.broker_control = -1
+        if self.broker_pid:
+            deadline = time.monotonic() + 2.0
+            while self.broker_pid and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.02)
+            if self.broker_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.broker_pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.broker_pid, 0)
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self._port_reservation is not None:
+            self._port_reservation.close()
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (self._wakeup_read, self._wakeup_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        logger.info("supervisor stopped (exit code %d)", self.exit_code)
+
+    # ---------------------------------------------------------------- port
+
+    def _reserve_port(self) -> None:
+        """Fail early if another process owns the port; pick one for port 0.
+
+        A bind without ``SO_REUSEPORT`` fails if anybody listens there (even
+        our own kind: two clusters must not share a port silently). For port
+        0, a bound (not listening) ``SO_REUSEPORT`` socket keeps the chosen
+        port for the workers.
+        """
+        info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        family, address = info[0], info[4]
+        if self.port == 0:
+            reservation = socket.socket(family, socket.SOCK_STREAM)
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            reservation.bind(address)
+            self.port = reservation.getsockname()[1]
+            self._port_reservation = reservation
+            return
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run_cluster(
+    app: WebSocketServer | Callable[[], WebSocketServer],
+    host: str,
+    port: int,
+    *,
+    workers: int,
+    ssl: ssl_module.SSLContext | None = None,
+) -> int:
+    """Run ``app`` (a server, or a function that builds one) on ``workers`` processes."""
+    from enjent import WebSocketServer
+
+    if isinstance(app, WebSocketServer):
+        server = app
+
+        def load_app() -> WebSocketServer:
+            return server
+
+        close_timeout = server.close_timeout
+    else:
+        load_app = app
+        close_timeout = 5.0
+    return Arbiter(
+        load_app, host, port, workers=workers, ssl=ssl, close_timeout=close_timeout
+    ).run()

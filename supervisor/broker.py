@@ -1,0 +1,89 @@
+"""The bus broker process: a ZeroMQ XSUB/XPUB proxy owned by the supervisor.
+
+Supervisor layer (layer 4). Workers publish to ``in`` (XSUB) and subscribe
+at ``out`` (XPUB); the proxy runs in a thread inside libzmq. The main thread
+reads one-line commands from the supervisor's pipe (``dead SHARD PID``) and
+publishes them as :data:`enjent.bus.Kind.DEAD` envelopes; when the pipe
+closes (the supervisor is gone) the broker exits, so it is never orphaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+
+import zmq
+
+from enjent import bus
+
+logger = logging.getLogger("enjent.broker")
+
+#: Explicit high-water marks (DESIGN.md: ZeroMQ drops silently past them).
+HIGH_WATER_MARK = 100_000
+
+
+def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int) -> int:
+    """Run the proxy until the control pipe closes; return an exit code."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    xsub = context.socket(zmq.XSUB)
+    xpub = context.socket(zmq.XPUB)
+    for sock in (xsub, xpub):
+        sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        sock.setsockopt(zmq.LINGER, 0)
+    xsub.setsockopt(zmq.MAXMSGSIZE, bus.MAX_BODY + 4096)
+    try:
+        xsub.bind(publish_endpoint)
+        xpub.bind(subscribe_endpoint)
+    except zmq.ZMQError as exc:
+        logger.error("broker cannot bind %s / %s: %s", publish_endpoint, subscribe_endpoint, exc)
+        return 1
+
+    def proxy() -> None:
+        try:
+            zmq.proxy(xsub, xpub)
+        except zmq.ContextTerminated:
+            pass
+        except zmq.ZMQError as exc:  # pragma: no cover - only on context teardown
+            logger.debug("proxy ended: %s", exc)
+
+    thread = threading.Thread(target=proxy, name="enjent-broker-proxy", daemon=True)
+    thread.start()
+    announcer = context.socket(zmq.PUB)
+    announcer.setsockopt(zmq.LINGER, 200)
+    announcer.connect(publish_endpoint)
+    generation = secrets.token_hex(3)
+    seq = 0
+    with os.fdopen(control_fd, "rb", buffering=0) as control:
+        while True:
+            line = _read_line(control)
+            if line is None:
+                break
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"dead":
+                seq += 1
+                body = bus.encode(
+                    bus.Kind.DEAD, bus.BROKER_ORIGIN, generation, seq, int(parts[1]), int(parts[2])
+                )
+                announcer.send_multipart((bus.TOPIC_DIRECTORY, body))
+    announcer.close()
+    xsub.close()
+    xpub.close()
+    context.term()
+    return 0
+
+
+def _read_line(stream: object) -> bytes | None:
+    """One line from the pipe, or ``None`` at end of file."""
+    chunks: list[bytes] = []
+    while True:
+        byte = stream.read(1)  # type: ignore[attr-defined]
+        if not byte:
+            return None
+        if byte == b"\n":
+            return b"".join(chunks)
+        chunks.append(byte)
+        if len(chunks) > 256:
+            chunks.clear()  # not a command of ours: drop it

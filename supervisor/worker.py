@@ -1,0 +1,131 @@
+"""A worker process: one uvloop event loop serving the app on a shared port.
+
+Supervisor layer (layer 4). Runs in a child of the supervisor, after fork:
+it loads the app, creates its own ZeroMQ context and bus sockets, binds
+``host:port`` with ``SO_REUSEPORT`` and tells the supervisor it is ready
+through a pipe. It stops gracefully on SIGTERM/SIGINT, and exits by itself
+if the supervisor disappears (``PR_SET_PDEATHSIG`` and a parent check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import ssl as ssl_module
+import sys
+from collections.abc import Callable
+
+from enjent import WebSocketServer, WebSocketServerError
+from enjent.cluster import ClusterClient
+from enjent.server import run_event_loop
+
+logger = logging.getLogger("enjent.worker")
+
+WORKER_BOOT_ERROR = 3
+APP_LOAD_ERROR = 4
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the supervisor dies (no orphans)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def worker_main(
+    load_app: Callable[[], WebSocketServer],
+    *,
+    shard: int,
+    host: str,
+    port: int,
+    publish_endpoint: str,
+    subscribe_endpoint: str,
+    ready_fd: int,
+    parent_pid: int,
+    ssl: ssl_module.SSLContext | None = None,
+) -> int:
+    """Serve until told to stop; return the process exit code."""
+    _die_with_parent()
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    if os.getppid() != parent_pid:
+        return 0
+    try:
+        server = load_app()
+    except Exception:
+        logger.exception("worker %d: cannot load the application", shard)
+        return APP_LOAD_ERROR
+    # a fresh identity per process: client ids stay unique across restarts
+    server.shard = shard
+    server._generation = secrets.token_hex(3)
+    server._next_id = 0
+    result: int = run_event_loop(
+        _serve(
+            server,
+            shard=shard,
+            host=host,
+            port=port,
+            publish_endpoint=publish_endpoint,
+            subscribe_endpoint=subscribe_endpoint,
+            ready_fd=ready_fd,
+            parent_pid=parent_pid,
+            ssl=ssl,
+        )
+    )
+    return result
+
+
+async def _serve(
+    server: WebSocketServer,
+    *,
+    shard: int,
+    host: str,
+    port: int,
+    publish_endpoint: str,
+    subscribe_endpoint: str,
+    ready_fd: int,
+    parent_pid: int,
+    ssl: ssl_module.SSLContext | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    cluster = ClusterClient(
+        server,
+        shard=shard,
+        publish_endpoint=publish_endpoint,
+        subscribe_endpoint=subscribe_endpoint,
+    )
+    server.cluster = cluster
+    cluster.start()
+    try:
+        await server.start(host, port, ssl=ssl, reuse_port=True)
+    except WebSocketServerError as exc:
+        logger.error("worker %d cannot start: %s", shard, exc)
+        await cluster.close()
+        return WORKER_BOOT_ERROR
+    try:
+        os.write(ready_fd, b"R")
+        os.close(ready_fd)
+    except OSError:
+        pass
+    logger.info("worker %d (pid %d) serving on %s:%d", shard, os.getpid(), host, port)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        if os.getppid() != parent_pid:
+            logger.warning("worker %d: the supervisor is gone, stopping", shard)
+            break
+    await server.stop()
+    await cluster.close()
+    return 0
