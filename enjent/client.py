@@ -112,15 +112,18 @@ class WebSocketClient:
     # ---------------------------------------------------------------- rooms
 
     def join(self, name: str) -> None:
-        """Join the room ``name`` (created on first use)."""
-        if self._server is None:
+        """Join the room ``name`` (created on first use); a no-op once disconnected."""
+        server = self._server
+        if server is None:
             raise RuntimeError("join() needs a client connected to a server")
+        if server._clients.get(self.id) is not self:
+            return  # gone: joining now would leave a dead member in the room forever
         rooms = self._rooms
         if rooms is None:
             rooms = self._rooms = set()
         if name not in rooms:
             rooms.add(name)
-            self._server._room_join(self, name)
+            server._room_join(self, name)
 
     def leave(self, name: str) -> None:
         """Leave the room ``name``; a no-op if not a member."""

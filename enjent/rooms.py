@@ -57,10 +57,12 @@ class Room:
     def __repr__(self) -> str:
         return f"<Room {self.name!r} ({len(self)} members)>"
 
-    @staticmethod
-    def union(*rooms: Room) -> RoomUnion:
-        """Several rooms seen as one: a client in two of them gets one copy."""
-        return RoomUnion(rooms)
+    def union(self, *rooms: Room) -> RoomUnion:
+        """Several rooms seen as one: a client in two of them gets one copy.
+
+        ``Room.union(a, b)`` and ``a.union(b)`` are the same union.
+        """
+        return RoomUnion((self, *rooms))
 
 
 class RoomUnion:

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--ping-interval", type=float, default=20.0, help="keepalive ping interval, 0: off"
     )
+    parser.add_argument(
+        "--compression",
+        choices=["deflate", "none"],
+        default="deflate",
+        help="permessage-deflate (RFC 7692) on or off (default deflate)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("ENJENT_LOG_LEVEL", "WARNING"))
     return parser.parse_args(argv)
 
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         max_connections=args.max_connections,
         write_limit=args.write_limit,
         ping_interval=args.ping_interval or None,
+        compression=None if args.compression == "none" else "deflate",
     )
     server.run(args.host, args.port, workers=args.workers)
     return 0

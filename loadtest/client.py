@@ -16,7 +16,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from loadtest import wire
 
@@ -122,9 +122,8 @@ class WsClient(asyncio.Protocol):
     # asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(wire.upgrade_request(self.host, self.port, self.key))
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(wire.upgrade_request(self.host, self.port, self.key))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -269,9 +268,7 @@ class ClientPool:
 
     # connecting ----------------------------------------------------------------------
 
-    async def connect_one(
-        self, source: str | None, timeout: float
-    ) -> WsClient | None:
+    async def connect_one(self, source: str | None, timeout: float) -> WsClient | None:
         """Open one client and wait (bounded) for the upgrade; None if it failed."""
         loop = asyncio.get_running_loop()
         client = self.new_client()
@@ -325,7 +322,9 @@ class ClientPool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                await self.connect_one(sources[index % len(sources)], min(connect_timeout, remaining))
+                await self.connect_one(
+                    sources[index % len(sources)], min(connect_timeout, remaining)
+                )
                 if self.on_change is not None:
                     self.on_change()
 

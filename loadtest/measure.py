@@ -100,49 +100,52 @@ class TreeSampler:
         psutil.cpu_percent(percpu=True)  # resets the system-wide counters
         return CpuWindow(time.perf_counter(), times, own.user + own.system)
 
-    def end_window(
-        self, window: CpuWindow, *, connections_port: int | None = None
-    ) -> dict[str, Any]:
+    def end_window(self, window: CpuWindow, *, port: int | None = None) -> dict[str, Any]:
         """Close `window`: CPU % per process (100 = one core), memory, fds, and the load
-        generator's own CPU %. With `connections_port`, also count each process's
-        established TCP connections on that port (how clients spread over workers).
+        generator's own CPU %. With the server's `port`, also count each process's
+        established connections on it (how clients spread over workers) and tell
+        workers (listening) from helpers such as a bus broker.
         """
+        # CPU first, all at once, so that the slower reads below stay out of the window.
         elapsed = max(time.perf_counter() - window.started, 1e-9)
+        own = self._self.cpu_times()
+        loadgen = 100.0 * ((own.user + own.system) - window.loadgen_times) / elapsed
         per_cpu = psutil.cpu_percent(percpu=True)
-        reports: list[ProcessReport] = []
         processes = self._processes()
-        for position, process in enumerate(processes):
+        cpu_used: dict[int, float] = {}
+        for process in processes:
             with contextlib.suppress(psutil.Error):
                 cpu = process.cpu_times()
                 before = window.server_times.get(process.pid)
-                used = (cpu.user + cpu.system) - before if before is not None else math.nan
+                cpu_used[process.pid] = (
+                    (cpu.user + cpu.system) - before if before is not None else math.nan
+                )
+        reports: list[ProcessReport] = []
+        for position, process in enumerate(processes):
+            with contextlib.suppress(psutil.Error):
                 info = process.memory_full_info()
-                connections = None
-                if connections_port is not None:
-                    connections = sum(
-                        1
-                        for conn in process.net_connections(kind="tcp")
-                        if conn.status == psutil.CONN_ESTABLISHED
-                        and conn.laddr
-                        and conn.laddr.port == connections_port
-                    )
-                role = "worker"
+                connections = listening = 0
+                if port is not None:
+                    for conn in process.net_connections(kind="tcp"):
+                        if conn.laddr and conn.laddr.port == port:
+                            listening += conn.status == psutil.CONN_LISTEN
+                            connections += conn.status == psutil.CONN_ESTABLISHED
                 if position == 0:
                     role = "supervisor" if len(processes) > 1 else "server"
+                else:
+                    role = "worker" if listening or port is None else "helper"
                 reports.append(
                     ProcessReport(
                         pid=process.pid,
                         role=role,
-                        cpu_percent=100.0 * used / elapsed,
+                        cpu_percent=100.0 * cpu_used.get(process.pid, math.nan) / elapsed,
                         rss=info.rss,
                         uss=info.uss,
                         fds=process.num_fds(),
                         threads=process.num_threads(),
-                        connections=connections,
+                        connections=connections if port is not None else None,
                     )
                 )
-        own = self._self.cpu_times()
-        loadgen = 100.0 * ((own.user + own.system) - window.loadgen_times) / elapsed
         return {
             "window_s": elapsed,
             "server_cpu_percent": sum(

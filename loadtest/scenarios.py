@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest import wire
-from loadtest.client import ClientPool, WsClient, source_addresses
+from loadtest.client import OPEN, ClientPool, WsClient, source_addresses
 from loadtest.config import Config
 from loadtest.measure import TreeSampler, latency_summary, percentile
 from loadtest.report import Progress, format_bytes
@@ -158,7 +158,7 @@ async def run_connections(
     progress.update(f"measuring {pool.open_count} idle clients for {cfg.measure:g} s")
     window = sampler.begin_window()
     alive = alive and await sleep_watching(cfg.measure, server)
-    stats = sampler.end_window(window, connections_port=server.port)
+    stats = sampler.end_window(window, port=server.port)
     result.check(alive, "the server exited during the run")
     connection_checks(result, pool, cfg.clients)
     clients = max(pool.open_count, 1)
@@ -207,6 +207,8 @@ class EchoPool(ClientPool):
     def start(self, depth: int) -> None:
         self.sending = True
         for client in self.clients:
+            if client.state != OPEN:
+                continue
             if client.data is None:
                 client.data = deque()
             for _ in range(depth):
@@ -285,11 +287,13 @@ async def run_echo(
         await _wait_or_timeout(pool.drained.wait(), cfg.duration)
         elapsed = time.perf_counter() - started
         recorded = pool.recorded
-        stats = sampler.end_window(window)
+        stats = sampler.end_window(window, port=server.port)
         pool.stop()
         drained = await _wait_or_timeout(pool.drained.wait(), 10.0)
         result.check(drained, f"echo {label}: {pool.sent - pool.received} echoes never came back")
-        result.check(pool.received == pool.sent, f"echo {label}: sent {pool.sent}, got {pool.received}")
+        result.check(
+            pool.received == pool.sent, f"echo {label}: sent {pool.sent}, got {pool.received}"
+        )
         result.check(pool.mismatched == 0, f"echo {label}: {pool.mismatched} echoes differed")
         result.check(pool.unexpected == 0, f"echo {label}: {pool.unexpected} unexpected messages")
         result.check(recorded > 0, f"echo {label}: no echo measured")
@@ -311,6 +315,8 @@ async def run_echo(
     result.check(server.alive(), "the server exited during the run")
     connection_checks(result, pool, cfg.clients)
     result.details = {"sizes": per_size, "errors": dict(pool.errors)}
+    if per_size:
+        result.details["window"] = per_size[list(per_size)[-1]]["window"]
     await pool.close_all()
     return result
 
@@ -383,7 +389,7 @@ async def run_fanout(
     seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=0)
     result.metrics.update(connection_metrics(pool, seconds))
     connection_checks(result, pool, cfg.clients)
-    open_clients = [client for client in pool.clients if client.state == 1]
+    open_clients = [client for client in pool.clients if client.state == OPEN]
     if not open_clients:
         result.check(False, "no client connected")
         return result
@@ -410,7 +416,7 @@ async def run_fanout(
         if time.monotonic() - pool.last_progress > cfg.round_timeout or not server.alive():
             break
     elapsed = time.perf_counter() - started
-    stats = sampler.end_window(window, connections_port=server.port)
+    stats = sampler.end_window(window, port=server.port)
     rounds = len(pool.latencies)
     result.check(server.alive(), "the server exited during the run")
     result.check(
@@ -509,16 +515,20 @@ async def run_handshake(
     finally:
         shower.cancel()
     elapsed = time.perf_counter() - started
-    stats = sampler.end_window(window)
+    stats = sampler.end_window(window, port=server.port)
     done = len(pool.cycles)
     result.check(server.alive(), "the server exited during the run")
-    result.check(pool.failed == 0, f"{pool.failed} upgrades failed: {dict(pool.errors.most_common(3))}")
+    result.check(
+        pool.failed == 0, f"{pool.failed} upgrades failed: {dict(pool.errors.most_common(3))}"
+    )
     result.check(
         done == total or time.monotonic() >= end,
         f"{done} of {total} cycles completed",
     )
     result.check(done > 0, "no cycle completed")
-    result.check(pool.unclean == 0, f"{pool.unclean} closes without an echoed 1000 or timely TCP close")
+    result.check(
+        pool.unclean == 0, f"{pool.unclean} closes without an echoed 1000 or timely TCP close"
+    )
     result.metrics = {
         "handshakes": done,
         "handshakes_failed": pool.failed,

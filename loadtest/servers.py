@@ -8,6 +8,7 @@ listens, and always terminates its whole process tree (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import signal
@@ -23,6 +24,7 @@ import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ECHO_EXAMPLE = REPO_ROOT / "examples" / "echo.py"
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ SERVERS: dict[str, ServerKind] = {
     "aiohttp": ServerKind("aiohttp", "aiohttp", multiprocess=False),
 }
 PEERS = [name for name in SERVERS if name != "enjent"]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this (child) process when the load generator dies, so that
+    even a SIGKILLed loadtest leaves no server behind (prctl PR_SET_PDEATHSIG).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class ServerStartError(RuntimeError):
@@ -119,7 +130,7 @@ class ServerProcess:
         self.workers = workers if kind.multiprocess else 1
         self.cpus = cpus
         self.command = kind.command(host, port, self.workers)
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close_log()
         self.popen: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
         self.killed = False
@@ -130,7 +141,8 @@ class ServerProcess:
         """
         cpus = self.cpus
 
-        def pin() -> None:  # runs in the child between fork and exec
+        def prepare_child() -> None:  # runs in the child between fork and exec
+            _die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
@@ -141,7 +153,7 @@ class ServerProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=pin if cpus else None,  # noqa: PLW1509 - single-threaded parent
+            preexec_fn=prepare_child,
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -189,7 +201,11 @@ class ServerProcess:
         for process in self.processes():
             with contextlib.suppress(psutil.Error):
                 for conn in process.net_connections(kind="tcp"):
-                    if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == self.port:
+                    if (
+                        conn.status == psutil.CONN_LISTEN
+                        and conn.laddr
+                        and conn.laddr.port == self.port
+                    ):
                         pids.add(process.pid)
                         break
         return pids

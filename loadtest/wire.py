@@ -90,7 +90,9 @@ def check_upgrade_response(head: bytes, key: bytes) -> None:
         headers[name.strip().lower()] = value.strip()
     if headers.get("upgrade", "").lower() != "websocket":
         raise ProtocolError("missing Upgrade: websocket")
-    if "upgrade" not in [token.strip().lower() for token in headers.get("connection", "").split(",")]:
+    if "upgrade" not in [
+        token.strip().lower() for token in headers.get("connection", "").split(",")
+    ]:
         raise ProtocolError("missing Connection: Upgrade")
     if headers.get("sec-websocket-accept", "").encode("ascii", "replace") != accept_for(key):
         raise ProtocolError("wrong Sec-WebSocket-Accept")
@@ -164,14 +166,18 @@ class FrameParser:
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Consume `data`; return every message it completes, in order."""
-        buffer = self._buffer
-        buffer += data
+        buffered = bool(self._buffer)
+        if buffered:
+            self._buffer += data
+            source: bytes | bytearray = self._buffer
+        else:
+            source = data  # the common case: parse the chunk in place, one copy per payload
         messages: list[tuple[int, bytes]] = []
-        size = len(buffer)
+        size = len(source)
         position = 0
         while size - position >= 2:
-            first = buffer[position]
-            second = buffer[position + 1]
+            first = source[position]
+            second = source[position + 1]
             if second & 0x80:
                 raise ProtocolError("server frames must not be masked (RFC 6455 §5.1)")
             if first & 0x70:
@@ -181,25 +187,33 @@ class FrameParser:
             if length == 126:
                 if size - position < 4:
                     break
-                length = (buffer[position + 2] << 8) | buffer[position + 3]
+                length = (source[position + 2] << 8) | source[position + 3]
                 header = 4
             elif length == 127:
                 if size - position < 10:
                     break
-                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
+                length = int.from_bytes(source[position + 2 : position + 10], "big")
                 if length >> 63:
                     raise ProtocolError("64-bit length with the most significant bit set")
                 header = 10
-            end = position + header + length
             if length > self.max_message:
                 raise ProtocolError(f"frame of {length} bytes over the limit")
+            end = position + header + length
             if end > size:
                 break
-            payload = bytes(buffer[position + header : end])
+            start = position + header
+            payload = bytes(self._buffer[start:end]) if buffered else data[start:end]
             position = end
-            self._frame(first & 0x80, first & 0x0F, payload, messages)
-        if position:
-            del buffer[:position]
+            opcode = first & 0x0F
+            if first & 0x80 and 0 < opcode < 3 and self._fragment_opcode < 0:
+                messages.append((opcode, payload))  # a whole data message, the usual frame
+            else:
+                self._frame(first & 0x80, opcode, payload, messages)
+        if buffered:
+            if position:
+                del self._buffer[:position]
+        elif position < size:
+            self._buffer += source[position:]
         return messages
 
     def _frame(self, fin: int, opcode: int, payload: bytes, out: list[tuple[int, bytes]]) -> None:

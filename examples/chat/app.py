@@ -1,0 +1,130 @@
+"""Chat with rooms: a browser page at ``/`` and a WebSocket on the same port.
+
+Every client starts in the room ``lobby``. A text message ``/join <room>``
+moves the sender to that room; any other text goes to everyone in the
+sender's room (the sender included), on every worker. The page (``index.html``
+beside this file, plain HTML and JavaScript) is served by the handshake hook.
+
+    python examples/chat/app.py --host 127.0.0.1 --port 8000 [--workers N]
+
+or ``enjent run examples.chat.app:server``. Messages sent to clients are JSON
+objects with a ``type``: ``welcome``, ``joined``, ``message``, ``presence``,
+``error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from enjent import Request, Response, WebSocketClient, WebSocketServer
+
+DEFAULT_ROOM = "lobby"
+MAX_TEXT = 2000
+ROOM_NAME = re.compile(r"[\w.-]{1,32}")
+PAGE = (Path(__file__).parent / "index.html").read_text(encoding="utf-8")
+
+
+class ChatClient(WebSocketClient):
+    """A chat user: a display name (``?name=`` in the URL) and one current room."""
+
+    __slots__ = ("name", "room")
+
+    def __init__(self, request: Request) -> None:
+        super().__init__(request)
+        name = (request.query.get("name") or "").strip()[:32]
+        self.name = name or "guest"
+        self.room = DEFAULT_ROOM
+
+
+def encode(kind: str, **fields: object) -> str:
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"))
+
+
+def build_server(**options: object) -> WebSocketServer:
+    """The chat server; ``options`` go to :class:`~enjent.WebSocketServer`."""
+    options.setdefault("client_class", ChatClient)
+    options.setdefault("max_message_size", 16 * 1024)
+    server = WebSocketServer(**options)  # type: ignore[arg-type]
+
+    @server.on_handshake
+    def page(request: Request) -> Response | None:
+        """Plain HTTP requests for ``/`` get the page; upgrades go on."""
+        if "websocket" in request.headers.get_tokens("Upgrade"):
+            return None
+        if request.path in ("/", "/index.html"):
+            return Response(200, PAGE, content_type="text/html; charset=utf-8")
+        return Response(404, "not found\n")
+
+    def enter(client: ChatClient, room: str) -> None:
+        client.room = room
+        client.join(room)
+        client.send(encode("joined", room=room))
+        server.room(room).broadcast(
+            encode("presence", room=room, name=client.name, event="joined"), exclude=client
+        )
+
+    def leave(client: ChatClient) -> None:
+        room = client.room
+        client.leave(room)
+        server.room(room).broadcast(encode("presence", room=room, name=client.name, event="left"))
+
+    @server.on_connect
+    def connected(client: ChatClient) -> None:
+        client.send(encode("welcome", name=client.name, id=client.id))
+        enter(client, DEFAULT_ROOM)
+
+    @server.on_message
+    def message(client: ChatClient, message: str | bytes) -> None:
+        if not isinstance(message, str):
+            client.send(encode("error", text="send text messages"))
+            return
+        text = message.strip()
+        if text.startswith("/join"):
+            room = text[len("/join") :].strip()
+            if not ROOM_NAME.fullmatch(room):
+                client.send(encode("error", text="usage: /join <room> (letters, digits, . - _)"))
+            elif room != client.room:
+                leave(client)
+                enter(client, room)
+            return
+        if text:
+            server.room(client.room).broadcast(
+                encode("message", room=client.room, name=client.name, text=text[:MAX_TEXT])
+            )
+
+    @server.on_disconnect
+    def disconnected(client: ChatClient, code: int, reason: str) -> None:
+        server.room(client.room).broadcast(
+            encode("presence", room=client.room, name=client.name, event="left")
+        )
+
+    return server
+
+
+#: The application object: ``enjent run examples.chat.app:server``.
+server = build_server()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--log-level", default=os.environ.get("ENJENT_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    print(f"chat on http://{args.host}:{args.port}/", flush=True)
+    server.run(args.host, args.port, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Peer servers: other libraries running the echo-and-broadcast contract of examples/echo.py.
+
+Layer 5 of DESIGN.md. Each module is a small program,
+`python -m loadtest.peers.NAME_server --host H --port P`, that loadtest starts and stops.
+The contract: echo every text and binary message unchanged, except that the text
+message `broadcast:<payload>` sends `<payload>` as text to every connected client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+BROADCAST_PREFIX = "broadcast:"
+
+#: Large enough for loadtest's biggest messages; bounded all the same.
+MAX_MESSAGE = 16 * 2**20
+
+#: Listen backlog: ramps open hundreds of connections at once.
+BACKLOG = 2048
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    """The command line shared by every peer (loopback addresses only)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--workers", type=int, default=1, help="ignored: peers run 1 process")
+    parser.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
+    args = parser.parse_args()
+    address = ipaddress.ip_address(args.host)
+    if not (address.is_loopback):
+        parser.error(f"--host {args.host} is not a loopback address")
+    return args

@@ -1,0 +1,350 @@
+"""The examples, for real: as subprocesses on a free port, or imported and started in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import json
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from enjent import WebSocketClient, WebSocketServer
+
+HOST = "127.0.0.1"
+TEST_TIMEOUT = 15.0
+
+
+def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an ``async def`` test on a fresh event loop, bounded in time."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
+
+    return wrapper
+
+
+def ws_connect(port: int, path: str = "/", **kwargs: Any) -> connect:
+    options: dict[str, Any] = {
+        "open_timeout": 3,
+        "close_timeout": 2,
+        "ping_interval": None,
+        "proxy": None,
+    }
+    options.update(kwargs)
+    return connect(f"ws://{HOST}:{port}{path}", **options)
+
+
+async def recv(ws: ClientConnection, timeout: float = 2.0) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), timeout)
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 2.0) -> dict[str, Any]:
+    message = await recv(ws, timeout)
+    assert isinstance(message, str)
+    decoded: dict[str, Any] = json.loads(message)
+    return decoded
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTP/1.1 GET over a raw socket; the server closes after answering."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+        data = await asyncio.wait_for(reader.read(), 2)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+@asynccontextmanager
+async def example_process(repo_root: Path, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run ``python <args>`` from the repository root; kill it if a test leaves it running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        cwd=repo_root,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await asyncio.wait_for(process.wait(), 5)
+
+
+async def wait_listening(process: asyncio.subprocess.Process, port: int) -> None:
+    deadline = time.monotonic() + 8
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            if process.returncode is not None:
+                assert process.stderr is not None
+                raise AssertionError((await process.stderr.read()).decode()) from None
+            assert time.monotonic() < deadline, "the example did not start listening"
+            await asyncio.sleep(0.05)
+        else:
+            writer.close()
+            return
+
+
+def load(repo_root: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
+    """Import an example by its dotted name, as ``enjent run module:server`` would."""
+    monkeypatch.syspath_prepend(str(repo_root))
+    return importlib.import_module(name)
+
+
+# -------------------------------------------------------------------- chat
+
+
+@async_test
+async def test_chat_page_and_rooms_as_a_process(repo_root: Path, free_port: int) -> None:
+    args = ("examples/chat/app.py", "--host", HOST, "--port", str(free_port), "--workers", "1")
+    async with example_process(repo_root, *args) as process:
+        await wait_listening(process, free_port)
+
+        status, headers, body = await http_get(free_port, "/")
+        assert status == 200
+        assert headers["content-type"] == "text/html; charset=utf-8"
+        assert int(headers["content-length"]) == len(body)
+        page = body.decode()
+        assert "<script>" in page and "new WebSocket(" in page and "/join" in page
+        assert 'src="http' not in page and 'href="http' not in page  # no external assets
+        status, _, body = await http_get(free_port, "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+
+        alice = await ws_connect(free_port, "/?name=alice")
+        assert await recv_json(alice) == {"type": "welcome", "name": "alice", "id": ANY_ID}
+        assert await recv_json(alice) == {"type": "joined", "room": "lobby"}
+        bob = await ws_connect(free_port, "/?name=bob")
+        assert (await recv_json(bob))["type"] == "welcome"
+        assert await recv_json(bob) == {"type": "joined", "room": "lobby"}
+        assert await recv_json(alice) == {
+            "type": "presence",
+            "room": "lobby",
+            "name": "bob",
+            "event": "joined",
+        }
+
+        # two clients in the same room see each other's messages
+        await alice.send("hello bob")
+        await bob.send("hi alice")
+        for ws in (alice, bob):
+            assert await recv_json(ws) == message("lobby", "alice", "hello bob")
+            assert await recv_json(ws) == message("lobby", "bob", "hi alice")
+
+        # /join moves alice: lobby no longer reaches her
+        await alice.send("/join games")
+        assert await recv_json(alice) == {"type": "joined", "room": "games"}
+        assert (await recv_json(bob))["event"] == "left"
+        await bob.send("anyone?")
+        assert await recv_json(bob) == message("lobby", "bob", "anyone?")
+        await alice.send("in games")
+        assert await recv_json(alice) == message("games", "alice", "in games")
+
+        process.send_signal(signal.SIGINT)
+        for ws in (alice, bob):
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == 1001
+        assert await asyncio.wait_for(process.wait(), 5) == 0
+
+
+class _AnyId:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_ID = _AnyId()
+
+
+def message(room: str, name: str, text: str) -> dict[str, str]:
+    return {"type": "message", "room": room, "name": name, "text": text}
+
+
+@async_test
+async def test_chat_rejects_zero_workers(repo_root: Path) -> None:
+    async with example_process(repo_root, "examples/chat/app.py", "--workers", "0") as process:
+        assert await asyncio.wait_for(process.wait(), 5) == 2
+
+
+@async_test
+async def test_chat_in_process(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = load(repo_root, monkeypatch, "examples.chat.app")
+    server = app.server
+    assert isinstance(server, WebSocketServer)
+    async with server.serve(HOST, 0):
+        port = server.port
+        assert (await http_get(port, "/missing"))[0] == 404
+        async with ws_connect(port) as guest, ws_connect(port, "/?name=carol") as carol:
+            assert (await recv_json(guest))["name"] == "guest"
+            await recv_json(guest)  # joined lobby
+            await recv_json(guest)  # carol joined
+            await recv_json(carol)
+            await recv_json(carol)
+
+            await guest.send("/join bad room name!")
+            assert (await recv_json(guest))["type"] == "error"
+            await guest.send(b"binary")
+            assert (await recv_json(guest))["type"] == "error"
+            await guest.send("/join lobby")  # already there: nothing happens
+            await guest.send("   ")  # blank: nothing is sent
+            await guest.send("x" * 5000)
+            for ws in (carol, guest):  # the sender gets its message too
+                received = await recv_json(ws)
+                assert received["name"] == "guest" and len(received["text"]) == app.MAX_TEXT
+
+            await carol.send("/join games")
+            assert await recv_json(carol) == {"type": "joined", "room": "games"}
+            assert (await recv_json(guest))["event"] == "left"
+            await guest.send("/join games")
+            assert await recv_json(guest) == {"type": "joined", "room": "games"}
+            assert await recv_json(carol) == {
+                "type": "presence",
+                "room": "games",
+                "name": "guest",
+                "event": "joined",
+            }
+            client = next(c for c in server.clients if c.name == "carol")
+            assert isinstance(client, app.ChatClient)
+            assert not hasattr(client, "__dict__")
+            assert client.rooms == {"games"}
+            await guest.close()
+            assert await recv_json(carol) == {
+                "type": "presence",
+                "room": "games",
+                "name": "guest",
+                "event": "left",
+            }
+
+
+# ----------------------------------------------------------- custom client
+
+
+@async_test
+async def test_custom_client_factory(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = load(repo_root, monkeypatch, "examples.custom_client")
+    server = example.server
+    async with server.serve(HOST, 0):
+        port = server.port
+        for path in ("/", "/?user=", "/?user=no%20spaces"):
+            with pytest.raises(InvalidStatus) as info:
+                await ws_connect(port, path)
+            assert info.value.response.status_code == 400
+
+        headers = {"Accept-Language": "fr-CA,fr;q=0.9,en;q=0.8"}
+        async with ws_connect(port, "/?user=ada", additional_headers=headers) as ada:
+            assert await recv(ada) == "hello ada (fr-CA)"
+            client = server.clients[0]
+            assert type(client) is example.UserClient
+            assert isinstance(client, WebSocketClient)
+            assert (client.user, client.language) == ("ada", "fr-CA")
+            assert not hasattr(client, "__dict__")
+
+            await ada.send("hi")
+            assert await recv(ada) == "ada: hi"
+            await ada.send(b"\x00")
+            assert await recv(ada) == b"\x00"
+
+            async with ws_connect(port, "/?user=bob") as bob:
+                assert await recv(bob) == "hello bob (en)"
+                await ada.send("/who")
+                assert await recv(ada) == "online: ada, bob"
+                await ada.send("@bob psst")
+                assert await recv(bob) == "ada (private): psst"
+                await ada.send("@nobody hello?")
+                assert await recv(ada) == "nobody is not online"
+
+                # the same user again: the older connection is closed
+                async with ws_connect(port, "/?user=bob") as bob_again:
+                    assert await recv(bob_again) == "hello bob (en)"
+                    await asyncio.wait_for(bob.wait_closed(), 3)
+                    assert (bob.close_code, bob.close_reason) == (4000, "signed in elsewhere")
+                    await ada.send("/who")
+                    assert await recv(ada) == "online: ada, bob"
+
+
+# ---------------------------------------------------------------- embedded
+
+
+async def read_port(process: asyncio.subprocess.Process) -> int:
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 8)).decode()
+    assert line.startswith("listening on ws://"), line
+    return int(line.rsplit(":", 1)[1].strip().rstrip("/"))
+
+
+@async_test
+async def test_embedded_stops_by_itself(repo_root: Path) -> None:
+    args = ("examples/embedded.py", "--port", "0", "--duration", "1.5", "--tick", "0.1")
+    async with example_process(repo_root, *args) as process:
+        port = await read_port(process)
+        started = time.monotonic()
+        async with ws_connect(port) as ws:
+            tick = await recv(ws)
+            assert isinstance(tick, str) and tick.startswith("tick ")
+            await ws.send("echo me")
+            while (message := await recv(ws)) != "echo me":
+                assert message.startswith("tick ")  # type: ignore[union-attr]
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == 1001
+        assert await asyncio.wait_for(process.wait(), 5) == 0
+        assert time.monotonic() - started < 5
+        assert process.stdout is not None
+        output = (await process.stdout.read()).decode()
+        assert "stopping with 1 client(s)" in output
+        assert output.rstrip().endswith("stopped")
+
+
+@async_test
+async def test_embedded_stops_on_sigint(repo_root: Path) -> None:
+    args = ("examples/embedded.py", "--port", "0", "--duration", "60")
+    async with example_process(repo_root, *args) as process:
+        port = await read_port(process)
+        async with ws_connect(port) as ws:
+            await ws.send("ping?")
+            assert await recv(ws) == "ping?"
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == 1001
+        assert await asyncio.wait_for(process.wait(), 5) == 0
+
+
+# -------------------------------------------------------------------- echo
+
+
+@async_test
+async def test_echo_example(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    echo = load(repo_root, monkeypatch, "examples.echo")
+    server = echo.build_server()
+    async with (
+        server.serve(HOST, 0),
+        ws_connect(server.port) as first,
+        ws_connect(server.port) as second,
+    ):
+        await first.send("hello")
+        assert await recv(first) == "hello"
+        await first.send(b"\x01\x02")
+        assert await recv(first) == b"\x01\x02"
+        await first.send("broadcast:to all")
+        assert await recv(first) == "to all"
+        assert await recv(second) == "to all"

@@ -1,0 +1,448 @@
+"""Tests of `loadtest/`: the wire codec without sockets, then short real runs.
+
+The smoke runs start real servers on 127.0.0.1 through `python -m loadtest`, against the
+websockets peer and against our `examples/echo.py`, with a few clients each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# loadtest is run from the repository root and not installed (PyPI has an unrelated
+# `loadtest`): put ours first on the path, as `python -m loadtest` from the root does.
+if sys.path[0] != str(REPO_ROOT):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from loadtest import wire  # noqa: E402
+from loadtest.cli import main  # noqa: E402
+from loadtest.client import (  # noqa: E402
+    ClientPool,
+    LoopbackOnlyError,
+    WsClient,
+    check_loopback,
+    source_addresses,
+)
+from loadtest.measure import latency_summary, percentile  # noqa: E402
+from loadtest.report import ratios, summarize  # noqa: E402
+
+ECHO_EXAMPLE = REPO_ROOT / "examples" / "echo.py"
+HAS_WEBSOCKETS = importlib.util.find_spec("websockets") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+# -- wire: no sockets --------------------------------------------------------------------
+
+
+def test_the_loadtest_under_test_is_this_repositorys() -> None:
+    assert Path(wire.__file__).resolve().parent == REPO_ROOT / "loadtest"
+
+
+def test_accept_matches_rfc_example() -> None:
+    # RFC 6455 §1.3
+    assert wire.accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_mask_is_an_involution_and_matches_bytewise_xor() -> None:
+    mask = b"\x01\x80\xfe\x37"
+    for size in (0, 1, 3, 4, 5, 125, 1000):
+        payload = bytes((index * 7) % 256 for index in range(size))
+        masked = wire.mask_payload(payload, mask)
+        assert masked == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        assert wire.mask_payload(masked, mask) == payload
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_parser_reads_7_16_and_64_bit_lengths(size: int) -> None:
+    payload = os.urandom(size)
+    frame = wire.encode_frame(wire.Opcode.BINARY, payload)
+    header = {0: 2, 125: 2, 126: 4, 65535: 4}.get(size, 10)
+    assert len(frame) == header + size
+    assert wire.FrameParser().feed(frame) == [(wire.Opcode.BINARY, payload)]
+
+
+def test_client_frame_is_masked_and_decodes() -> None:
+    mask = b"abcd"
+    frame = wire.encode_frame(wire.Opcode.TEXT, b"hello", mask=mask)
+    assert frame[1] & 0x80 and frame[2:6] == mask
+    assert wire.mask_payload(frame[6:], mask) == b"hello"
+
+
+def test_parser_reassembles_fragments_around_a_ping_fed_byte_by_byte() -> None:
+    stream = (
+        wire.encode_frame(wire.Opcode.TEXT, b"hel", fin=False)
+        + wire.encode_frame(wire.Opcode.PING, b"p")
+        + wire.encode_frame(wire.Opcode.CONTINUATION, b"lo ", fin=False)
+        + wire.encode_frame(wire.Opcode.CONTINUATION, b"world")
+        + wire.encode_frame(wire.Opcode.BINARY, b"\x00" * 300)
+    )
+    parser = wire.FrameParser()
+    messages = []
+    for index in range(len(stream)):
+        messages += parser.feed(stream[index : index + 1])
+    assert messages == [
+        (wire.Opcode.PING, b"p"),
+        (wire.Opcode.TEXT, b"hello world"),
+        (wire.Opcode.BINARY, b"\x00" * 300),
+    ]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        wire.encode_frame(wire.Opcode.TEXT, b"x", mask=b"abcd"),  # masked by the server
+        bytes([0x80 | 0x40 | wire.Opcode.TEXT, 1]) + b"x",  # RSV1 without an extension
+        wire.encode_frame(wire.Opcode.CONTINUATION, b"x"),  # nothing to continue
+        wire.encode_frame(wire.Opcode.PING, b"x", fin=False),  # fragmented control frame
+        wire.encode_frame(wire.Opcode.PING, b"x" * 126),  # control frame too long
+        wire.encode_frame(3, b"x"),  # reserved opcode
+    ],
+)
+def test_parser_rejects_protocol_violations(frame: bytes) -> None:
+    with pytest.raises(wire.ProtocolError):
+        wire.FrameParser().feed(frame)
+
+
+def test_parser_enforces_message_limit() -> None:
+    parser = wire.FrameParser(max_message=10)
+    with pytest.raises(wire.ProtocolError):
+        parser.feed(wire.encode_frame(wire.Opcode.BINARY, b"x" * 11))
+
+
+def test_upgrade_response_checks() -> None:
+    key = wire.new_key()
+    good = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + wire.accept_for(key)
+    )
+    wire.check_upgrade_response(good, key)
+    with pytest.raises(wire.ProtocolError):
+        wire.check_upgrade_response(good.replace(b"101", b"400"), key)
+    with pytest.raises(wire.ProtocolError):
+        wire.check_upgrade_response(good, wire.new_key())
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def test_client_upgrades_answers_ping_and_echoes_close() -> None:
+    class Recording(ClientPool):
+        messages: list[tuple[int, bytes]] = []
+
+        def on_message(self, client: WsClient, opcode: int, payload: bytes) -> None:
+            self.messages.append((opcode, payload))
+
+    pool = Recording("127.0.0.1", 9)
+    client = pool.new_client()
+    transport = FakeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    assert transport.written.startswith(b"GET / HTTP/1.1\r\n")
+    transport.written.clear()
+    response = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + wire.accept_for(client.key) + b"\r\n\r\n"
+    )
+    # The head and the first frames may share one chunk.
+    client.data_received(response[:20])
+    client.data_received(response[20:] + wire.encode_frame(wire.Opcode.PING, b"hi"))
+    assert pool.open_count == 1 and len(pool.handshake_times) == 1
+    # Client frames are masked: decode the pong by hand.
+    assert transport.written[0] == 0x80 | wire.Opcode.PONG and transport.written[1] == 0x80 | 2
+    assert wire.mask_payload(bytes(transport.written[6:]), bytes(transport.written[2:6])) == b"hi"
+    client.data_received(wire.encode_frame(wire.Opcode.TEXT, b"hello"))
+    assert pool.messages == [(wire.Opcode.TEXT, b"hello")]
+    transport.written.clear()
+    client.data_received(wire.encode_frame(wire.Opcode.CLOSE, wire.close_payload(1001)))
+    assert client.close_code == 1001
+    assert transport.written[0] == 0x80 | wire.Opcode.CLOSE  # the close is echoed
+    client.data_received(wire.encode_frame(wire.Opcode.TEXT, b"x", mask=b"abcd"))
+    assert client.error is not None and transport.closed
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.255.0.9", "::1"])
+def test_loopback_hosts_are_accepted(host: str) -> None:
+    assert check_loopback(host) == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.1", "192.168.1.1", "::", "localhost", "x"])
+def test_other_hosts_are_rejected(host: str) -> None:
+    with pytest.raises(LoopbackOnlyError):
+        check_loopback(host)
+
+
+def test_non_loopback_host_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["echo", "--server", "websockets", "--host", "8.8.8.8"])
+    assert exit_info.value.code == 2
+    assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_source_addresses_grow_past_one_address_worth_of_ports() -> None:
+    assert source_addresses("127.0.0.1", 8000) == [None]
+    assert source_addresses("127.0.0.1", 60000) == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert source_addresses("::1", 60000) == [None]
+
+
+def test_percentiles_and_ratios() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50 and percentile(values, 0.99) == 99
+    summary = latency_summary([0.001, 0.002, 0.003], "x")
+    assert summary["x_p50_ms"] == pytest.approx(2.0)
+    runs: list[dict[str, Any]] = [
+        {"server": "enjent", "metrics": {"a_per_s": 300.0}},
+        {"server": "enjent", "metrics": {"a_per_s": 100.0}},
+        {"server": "enjent", "metrics": {"a_per_s": 200.0}},
+        {"server": "websockets", "metrics": {"a_per_s": 100.0}},
+    ]
+    assert ratios(summarize(runs), "enjent") == {"websockets": {"a_per_s": 2.0}}
+
+
+# -- smoke runs against real servers ----------------------------------------------------------
+
+
+def servers() -> list[Any]:
+    return [
+        pytest.param(
+            "websockets",
+            marks=pytest.mark.skipif(not HAS_WEBSOCKETS, reason="websockets is not installed"),
+        ),
+        pytest.param(
+            "enjent",
+            marks=pytest.mark.skipif(
+                not ECHO_EXAMPLE.exists(), reason="examples/echo.py does not exist yet"
+            ),
+        ),
+    ]
+
+
+def run_loadtest(
+    tmp_path: Path, *args: str, timeout: float = 60
+) -> tuple[int, dict[str, Any], str]:
+    json_path = tmp_path / "result.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest",
+            *args,
+            "--quiet",
+            "--json",
+            str(json_path),
+            "--timeout",
+            str(timeout - 10),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    output = completed.stdout + completed.stderr
+    assert json_path.exists(), output
+    return completed.returncode, json.loads(json_path.read_text()), output
+
+
+def only_run(document: dict[str, Any], server: str) -> dict[str, Any]:
+    assert set(document) >= {
+        "scenario",
+        "command",
+        "machine",
+        "config",
+        "runs",
+        "summary",
+        "ratios",
+        "ok",
+    }
+    (run,) = document["runs"]
+    assert run["server"] == server
+    assert {"ok", "failures", "metrics", "details", "series", "server_exit_code"} <= set(run)
+    return run
+
+
+def assert_latencies(metrics: dict[str, float], prefix: str) -> None:
+    p50, p99 = metrics[f"{prefix}_p50_ms"], metrics[f"{prefix}_p99_ms"]
+    assert 0 < p50 <= p99 <= metrics[f"{prefix}_max_ms"]
+
+
+@pytest.mark.parametrize("server", servers())
+def test_connections_smoke(tmp_path: Path, server: str) -> None:
+    chart = [] if server == "websockets" else ["--no-chart"]
+    code, document, output = run_loadtest(
+        tmp_path,
+        "connections",
+        "--server",
+        server,
+        "--clients",
+        "20",
+        "--rate",
+        "0",
+        "--hold",
+        "0.2",
+        "--measure",
+        "0.3",
+        *chart,
+    )
+    assert code == 0, output
+    run = only_run(document, server)
+    metrics = run["metrics"]
+    assert metrics["clients_connected"] == 20 and metrics["clients_failed"] == 0
+    assert metrics["uss_bytes"] > 0 and metrics["server_fds"] >= 20
+    assert sum(p["connections"] for p in run["details"]["window"]["processes"]) == 20
+    assert_latencies(metrics, "upgrade")
+    assert len(run["series"]["memory"]) >= 2
+    assert "uss_per_client_bytes" in output
+    if not chart and HAS_MATPLOTLIB:
+        assert (tmp_path / "result.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("server", servers())
+def test_echo_smoke(tmp_path: Path, server: str) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "echo",
+        "--server",
+        server,
+        "--clients",
+        "20",
+        "--sizes",
+        "32,1k,16k",
+        "--pipeline",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+        "--no-chart",
+    )
+    assert code == 0, output
+    run = only_run(document, server)
+    for key in ("32B", "1024B", "16384B"):
+        detail = run["details"]["sizes"][key]
+        assert detail["sent"] == detail["received"] >= detail["measured"] > 0
+        assert run["metrics"][f"echo_{key}_messages_per_s"] > 0
+        assert_latencies(run["metrics"], f"echo_{key}_rtt")
+
+
+@pytest.mark.parametrize("server", servers())
+def test_echo_message_budget_is_exact(tmp_path: Path, server: str) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "echo",
+        "--server",
+        server,
+        "--clients",
+        "10",
+        "--sizes",
+        "100",
+        "--messages",
+        "500",
+        "--warmup",
+        "0",
+        "--pipeline",
+        "3",
+        "--text",
+        "--no-chart",
+    )
+    assert code == 0, output
+    detail = only_run(document, server)["details"]["sizes"]["100B"]
+    assert detail["sent"] == detail["received"] == detail["measured"] == 500
+
+
+@pytest.mark.parametrize("server", servers())
+def test_fanout_smoke(tmp_path: Path, server: str) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "fanout",
+        "--server",
+        server,
+        "--clients",
+        "20",
+        "--broadcasts",
+        "10",
+        "--no-chart",
+    )
+    assert code == 0, output
+    metrics = only_run(document, server)["metrics"]
+    assert metrics["fanout_broadcasts"] == 10
+    assert metrics["fanout_deliveries"] == 10 * 20
+    assert_latencies(metrics, "fanout_last")
+
+
+@pytest.mark.parametrize("server", servers())
+def test_handshake_smoke(tmp_path: Path, server: str) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "handshake",
+        "--server",
+        server,
+        "--count",
+        "100",
+        "--clients",
+        "5",
+        "--no-chart",
+    )
+    assert code == 0, output
+    run = only_run(document, server)
+    assert run["metrics"]["handshakes"] == 100 and run["metrics"]["handshakes_failed"] == 0
+    assert run["details"]["clean_closes"] == 100
+    assert_latencies(run["metrics"], "upgrade")
+    assert_latencies(run["metrics"], "cycle")
+
+
+@pytest.mark.skipif(not HAS_WEBSOCKETS, reason="websockets is not installed")
+def test_global_timeout_fails_the_run_and_stops_the_server(tmp_path: Path) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "connections",
+        "--server",
+        "websockets",
+        "--clients",
+        "5",
+        "--hold",
+        "60",
+        "--no-chart",
+        timeout=13,
+    )
+    assert code == 1, output
+    assert document["ok"] is False
+    (run,) = document["runs"]
+    command = run["server_command"]
+    leftovers = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if process.info["cmdline"] == command
+    ]
+    assert leftovers == []
+
+
+def test_pool_counts_a_refused_connection() -> None:
+    async def scenario() -> ClientPool:
+        pool = ClientPool("127.0.0.1", 9)  # discard port: nothing listens there
+        assert await pool.connect_one(None, 2.0) is None
+        return pool
+
+    pool = asyncio.run(scenario())
+    assert pool.failed == 1 and pool.opened_total == 0 and sum(pool.errors.values()) == 1
