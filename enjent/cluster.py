@@ -357,7 +357,9 @@ class ClusterClient:
                 {
                     "shard": shard,
                     "pid": peer.pid,
-                    "clients": peer.clients,
+                    # the directory's count: current, and adds up to "clients"
+                    # (the heartbeat's count is up to a second old)
+                    "clients": self._shard_counts.get(shard, 0),
                     "generation": peer.generation,
                     "heartbeat_age": round(now - peer.last_heartbeat, 3),
                 }
@@ -487,10 +489,11 @@ class ClusterClient:
         elif kind is Kind.DEAD:
             shard, pid = int(fields[0]), int(fields[1])
             peer = self.peers.get(shard)
-            if peer is not None and peer.pid == pid:
-                del self.peers[shard]
+            if peer is None or peer.pid == pid:
+                # (never heard of: it died before its first heartbeat reached us)
+                self.peers.pop(shard, None)
                 self._purge(shard)
-            elif peer is not None:
+            else:
                 self._purge(shard, keep_generation=peer.generation)
 
     def _peer(self, shard: int, generation: str) -> Peer:

@@ -280,7 +280,9 @@ class Arbiter:
         for shard in range(self.num_workers):
             if shard not in live and not any(w.shard == shard for w in self.workers.values()):
                 self._spawn_worker(shard)
-        if self._replace_queue and all(w.booted for w in self.workers.values()):
+        # one at a time: the next only once the last one's successor is up
+        # (a retiring worker drains its clients for up to close_timeout)
+        if self._replace_queue and all(w.booted and not w.retiring for w in self.workers.values()):
             shard = self._replace_queue.pop(0)
             for worker in self.workers.values():
                 if worker.shard == shard and not worker.retiring:

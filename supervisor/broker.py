@@ -9,9 +9,11 @@ closes (the supervisor is gone) the broker exits, so it is never orphaned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import signal
 import threading
 
 import zmq
@@ -26,6 +28,10 @@ HIGH_WATER_MARK = 100_000
 
 def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int) -> int:
     """Run the proxy until the control pipe closes; return an exit code."""
+    # Ctrl-C reaches the whole process group: the broker must outlive the
+    # workers' graceful stop (their last messages) and stop at end of file
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     xsub = context.socket(zmq.XSUB)
     xpub = context.socket(zmq.XPUB)
@@ -72,7 +78,26 @@ def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int)
     xsub.close()
     xpub.close()
     context.term()
+    _remove_ipc_files(publish_endpoint, subscribe_endpoint)
     return 0
+
+
+def _remove_ipc_files(*endpoints: str) -> None:
+    """Remove the ipc socket files and their folder if it is then empty.
+
+    The supervisor removes its runtime directory itself; this also cleans up
+    when the supervisor was killed (SIGKILL) and the broker stops at end of file.
+    """
+    folders = set()
+    for endpoint in endpoints:
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://") :]
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            folders.add(os.path.dirname(path))
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only if empty: never someone else's files
 
 
 def _read_line(stream: object) -> bytes | None:

@@ -32,7 +32,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise SystemExit(f"enjent: ENJENT_{name} must be an integer, got {value!r}") from None
+        print(f"enjent: error: ENJENT_{name} must be an integer, got {value!r}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class AppSpecError(ValueError):
+    """``MODULE:ATTR`` is malformed (a usage error, unlike errors of the app's import)."""
+
+
 def _resolve(spec: str, *, fresh: bool) -> object:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"the app must be MODULE:ATTR, got {spec!r}")
+        raise AppSpecError(f"the app must be MODULE:ATTR, got {spec!r}")
     if fresh:
         sys.modules.pop(module_name, None)
     module = importlib.import_module(module_name)
@@ -128,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         server = make_loader(args.app, fresh=False)()
-    except ValueError as exc:
+    except AppSpecError as exc:  # a ValueError raised by the app's import is exit code 4
         parser.error(str(exc))
     except Exception as exc:
         logger.error("cannot load the app %s: %s: %s", args.app, type(exc).__name__, exc)

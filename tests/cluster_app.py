@@ -1,0 +1,57 @@
+"""The app the cluster and supervisor tests run: ``enjent run tests.cluster_app:server``.
+
+Text commands (anything else is echoed):
+
+- ``broadcast:<x>``: ``server.broadcast(x)``
+- ``join:<room>``: join the room, reply ``joined``
+- ``room:<room>:<x>``: ``server.room(room).broadcast(x)``
+- ``send:<client_id>:<x>``: ``server.send(client_id, x)``, reply ``sent:True|False``
+- ``whoami``: reply the client's id
+- ``count``: reply ``server.client_count``
+- ``get:<id>``: reply ``True`` or ``False``: ``server.get_client(id) is not None``
+- ``clients``: reply the number of entries of ``server.clients``
+"""
+
+from __future__ import annotations
+
+from enjent import WebSocketClient, WebSocketServer
+
+
+def build_server() -> WebSocketServer:
+    app = WebSocketServer(close_timeout=2.0, ping_interval=None)
+
+    @app.on_message
+    def on_message(client: WebSocketClient, message: str | bytes) -> None:
+        if not isinstance(message, str):
+            client.send(message)
+            return
+        command, sep, rest = message.partition(":")
+        if not sep:
+            if message == "whoami":
+                client.send(client.id)
+            elif message == "count":
+                client.send(str(app.client_count))
+            elif message == "clients":
+                client.send(str(len(app.clients)))
+            else:
+                client.send(message)
+        elif command == "broadcast":
+            app.broadcast(rest)
+        elif command == "join":
+            client.join(rest)
+            client.send("joined")
+        elif command == "room":
+            room, _, payload = rest.partition(":")
+            app.room(room).broadcast(payload)
+        elif command == "send":
+            target, _, payload = rest.partition(":")
+            client.send(f"sent:{app.send(target, payload)}")
+        elif command == "get":
+            client.send(str(app.get_client(rest) is not None))
+        else:
+            client.send(message)
+
+    return app
+
+
+server = build_server()

@@ -1,0 +1,159 @@
+"""The ``enjent`` command line (supervisor/cli.py, installed as a console script)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clusterutil import REPO_ROOT, Cluster, free_port, healthz
+from enjent_supervisor import cli
+
+pytestmark = pytest.mark.timeout(60)
+
+ENJENT = shutil.which("enjent")
+
+
+def enjent(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    command = [ENJENT] if ENJENT else [sys.executable, "-m", "enjent_supervisor"]
+    return subprocess.run(
+        [*command, *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_console_script_is_installed() -> None:
+    assert ENJENT is not None, "the `enjent` console script is not on PATH"
+
+
+def test_help() -> None:
+    result = enjent("--help")
+    assert result.returncode == 0
+    assert "usage: enjent" in result.stdout
+    assert "run" in result.stdout
+
+
+def test_run_help_lists_every_option_and_its_environment_variable() -> None:
+    result = enjent("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for option in ("--host", "--port", "--workers", "--log-level", "--app-dir", "MODULE:ATTR"):
+        assert option in text
+    for variable in ("ENJENT_APP", "ENJENT_HOST", "ENJENT_PORT", "ENJENT_WORKERS"):
+        assert variable in text
+
+
+def test_module_entry_point_matches() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "enjent_supervisor", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0 and "usage: enjent" in result.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    assert enjent().returncode == 2
+
+
+@pytest.mark.parametrize("spec", ["tests.cluster_app", "tests.cluster_app:", ":server", "a b"])
+def test_bad_module_attr_is_a_usage_error(spec: str) -> None:
+    result = enjent("run", spec, "--workers", "2", "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr
+    assert "usage: enjent" in result.stderr
+    assert "MODULE:ATTR" in result.stderr
+
+
+def test_missing_app_is_a_usage_error() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "ENJENT_APP"}
+    result = subprocess.run(
+        [sys.executable, "-m", "enjent_supervisor", "run"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert "MODULE:ATTR" in result.stderr
+
+
+@pytest.mark.parametrize("option", [("--workers", "0"), ("--port", "70000"), ("--port", "x")])
+def test_bad_option_is_a_usage_error(option: tuple[str, str]) -> None:
+    result = enjent("run", "tests.cluster_app:server", *option)
+    assert result.returncode == 2, result.stderr
+
+
+def test_bad_integer_in_environment_is_a_usage_error() -> None:
+    result = enjent("run", "tests.cluster_app:server", env={"ENJENT_PORT": "lots"})
+    assert result.returncode == 2, result.stderr
+    assert "ENJENT_PORT" in result.stderr
+
+
+def test_missing_attribute_is_an_app_load_error() -> None:
+    result = enjent("run", "tests.cluster_app:nothing_here", "--workers", "2")
+    assert result.returncode == 4, result.stderr
+    assert "tests.cluster_app:nothing_here" in result.stderr
+
+
+def test_value_error_while_importing_the_app_is_an_app_load_error(tmp_path: Path) -> None:
+    """Regression: a ValueError raised by the app's import was reported as a usage error (2)."""
+    (tmp_path / "broken_app.py").write_text("raise ValueError('bad configuration')\n")
+    result = enjent(
+        "run", "broken_app:server", "--app-dir", str(tmp_path), "--port", str(free_port())
+    )
+    assert result.returncode == 4, result.stderr
+    assert "bad configuration" in result.stderr
+
+
+def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENJENT_PORT", "12345")
+    monkeypatch.setenv("ENJENT_HOST", "127.0.0.2")
+    monkeypatch.setenv("ENJENT_WORKERS", "3")
+    monkeypatch.setenv("ENJENT_APP", "tests.cluster_app:server")
+    monkeypatch.setenv("ENJENT_LOG_LEVEL", "WARNING")
+    args = cli.build_parser().parse_args(["run"])
+    assert (args.app, args.host, args.port, args.workers, args.log_level) == (
+        "tests.cluster_app:server",
+        "127.0.0.2",
+        12345,
+        3,
+        "WARNING",
+    )
+    # the command line wins
+    args = cli.build_parser().parse_args(["run", "x:y", "--port", "1", "--workers", "2"])
+    assert (args.app, args.port, args.workers) == ("x:y", 1, 2)
+
+
+def test_workers_default_to_the_cpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ENJENT_WORKERS", raising=False)
+    args = cli.build_parser().parse_args(["run", "x:y"])
+    assert args.workers == (os.cpu_count() or 1)
+
+
+def test_enjent_port_environment_variable_is_honoured() -> None:
+    """``ENJENT_PORT`` (and ``ENJENT_APP``, ``ENJENT_WORKERS``) drive a real run."""
+    port = free_port()
+    env = {
+        "ENJENT_PORT": str(port),
+        "ENJENT_APP": "tests.cluster_app:server",
+        "ENJENT_WORKERS": "2",
+    }
+    command = [ENJENT or "enjent", "run"]
+    with Cluster(workers=2, port=port, command=command, env=env) as cluster:
+        cluster.wait_ready()
+        assert len(healthz(port)["workers"]) == 2
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(10) == 0

@@ -1,0 +1,431 @@
+"""The supervisor: boot failures, signals, restarts of workers and of the broker.
+
+Each test runs ``python -m enjent_supervisor run tests.cluster_app:server``
+(or examples/echo.py) in its own process group; the Cluster helper kills the
+group and every child it saw, and fails the test if one is left over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from clusterutil import (
+    REPO_ROOT,
+    Cluster,
+    alive,
+    close_all,
+    free_port,
+    healthz,
+    healthz_of,
+    open_client_on,
+    open_clients,
+    port_is_free,
+    wait_for,
+    wait_for_gone,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+#: close_timeout of tests/cluster_app.py
+CLOSE_TIMEOUT = 2.0
+
+
+def run_script(source: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet from the repository root in its own process group.
+
+    Its runtime directory must be gone when it returns.
+    """
+    tmpdir = tempfile.mkdtemp(prefix="ejt-")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(source)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "TMPDIR": tmpdir},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        leftovers = os.listdir(tmpdir)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    assert leftovers == [], leftovers
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+# ------------------------------------------------------------ boot failures
+
+
+def test_app_that_does_not_import_exits_4() -> None:
+    started = time.monotonic()
+    with Cluster(workers=2, app="tests.no_such_module_here:server") as cluster:
+        code = cluster.wait(15)
+        log = cluster.log()
+    assert code == 4, log
+    assert "tests.no_such_module_here" in log
+    assert time.monotonic() - started < 10
+
+
+def test_app_failing_in_the_workers_exits_4_without_restart_loop() -> None:
+    """The app loads in the supervisor but not in the workers: exit 4, not a restart loop."""
+    port = free_port()
+    result = run_script(
+        f"""
+        import logging, sys
+        from enjent_supervisor.arbiter import run_cluster
+        logging.basicConfig(level=logging.INFO)
+
+        def load():
+            raise ImportError("the app module is broken")
+
+        sys.exit(run_cluster(load, "127.0.0.1", {port}, workers=2))
+        """
+    )
+    assert result.returncode == 4, result.stdout
+    assert "cannot load the application" in result.stdout
+    assert "the app module is broken" in result.stdout
+    assert result.stdout.count("started (pid") <= 3  # broker + 2 workers, nothing restarted
+    assert "restarting" not in result.stdout
+
+
+def test_port_taken_exits_3_with_the_address() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # no SO_REUSEPORT
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        with Cluster(workers=2, port=port) as cluster:
+            code = cluster.wait(15)
+            log = cluster.log()
+        elapsed = time.monotonic() - started
+    assert code == 3, log
+    assert f"127.0.0.1:{port}" in log
+    assert "restarting" not in log
+    assert elapsed < 10
+
+
+def test_worker_that_cannot_bind_stops_the_supervisor_with_3() -> None:
+    """Past the supervisor's early check, a worker's failed bind: exit 3, no restart loop."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_script(
+            f"""
+            import logging, sys
+            from enjent_supervisor.arbiter import Arbiter
+            from tests.cluster_app import build_server
+            logging.basicConfig(level=logging.INFO)
+            Arbiter._reserve_port = lambda self: None  # race the early check
+            sys.exit(Arbiter(build_server, "127.0.0.1", {port}, workers=2).run())
+            """
+        )
+    assert result.returncode == 3, result.stdout
+    assert f"127.0.0.1:{port}" in result.stdout
+    assert "failed to boot" in result.stdout
+    assert "restarting" not in result.stdout
+
+
+# --------------------------------------------------------- graceful stop
+
+
+def test_sigterm_closes_clients_with_1001_and_cleans_up() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        children = {child.pid for child in cluster.children()}
+        assert len(children) == 3  # 2 workers + the broker
+        (runtime_dir,) = cluster.runtime_dirs()
+        assert stat.S_IMODE(os.stat(runtime_dir).st_mode) == 0o700
+        assert sorted(os.listdir(runtime_dir)) == ["bus-in", "bus-out"]
+
+        async def main() -> float:
+            clients = await open_clients(cluster.port, 30)
+            try:
+                assert {c.shard for c in clients} == {0, 1}
+                started = time.monotonic()
+                cluster.signal(signal.SIGTERM)
+                await asyncio.wait_for(
+                    asyncio.gather(*(c.closed.wait() for c in clients)), CLOSE_TIMEOUT + 3
+                )
+                assert [c.ws.close_code for c in clients] == [1001] * len(clients)
+                return started
+            finally:
+                await close_all(clients)
+
+        started = asyncio.run(main())
+        assert cluster.wait(CLOSE_TIMEOUT + 3) == 0, cluster.log()
+        elapsed = time.monotonic() - started
+        assert elapsed < CLOSE_TIMEOUT + 2, elapsed
+        assert wait_for_gone(children, 1.0) == []
+        assert not os.path.exists(runtime_dir)
+        assert cluster.runtime_dirs() == []
+        assert port_is_free(cluster.port)
+
+
+def test_sigint_stops_gracefully() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        children = {child.pid for child in cluster.children()}
+        cluster.signal(signal.SIGINT)
+        assert cluster.wait(CLOSE_TIMEOUT + 3) == 0, cluster.log()
+        assert wait_for_gone(children, 1.0) == []
+        assert cluster.runtime_dirs() == []
+
+
+def test_ctrl_c_to_the_process_group_stops_gracefully() -> None:
+    """Regression: SIGINT to the whole group killed the broker at once (and it could be
+    restarted during the stop); it must outlive the workers' drain."""
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        broker = cluster.broker_pid()
+        children = {child.pid for child in cluster.children()}
+        stuck = _stuck_client(cluster.port, 0)  # worker 0 drains for close_timeout
+        try:
+            os.killpg(cluster.pid, signal.SIGINT)
+            time.sleep(0.5)
+            assert alive(broker)
+            assert cluster.wait(CLOSE_TIMEOUT + 3) == 0, cluster.log()
+        finally:
+            stuck.close()
+        assert wait_for_gone(children, 2.0) == []
+        assert "restarting" not in cluster.log()
+        assert "Traceback" not in cluster.log()
+        assert cluster.runtime_dirs() == []
+
+
+# -------------------------------------------------------------- signals
+
+
+def _stuck_client(port: int, shard: int, timeout: float = 10.0) -> socket.socket:
+    """A raw WebSocket client on worker ``shard`` that then never reads nor answers a close."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        assert data.startswith(b"HTTP/1.1 101"), data
+        data = data.split(b"\r\n\r\n", 1)[1]
+        payload = b"whoami"
+        mask = b"\x01\x02\x03\x04"
+        sock.sendall(
+            b"\x81" + bytes([0x80 | len(payload)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        )  # fmt: skip
+        while len(data) < 2 or len(data) < 2 + data[1]:
+            data += sock.recv(4096)
+        client_id = data[2 : 2 + data[1]].decode()
+        if client_id.startswith(f"{shard}-"):
+            return sock
+        sock.close()
+    raise AssertionError(f"no connection landed on worker {shard}")
+
+
+def test_sighup_replaces_workers_one_by_one() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        port = cluster.port
+        old = cluster.worker_pids()
+        # one client per worker that does not answer the close: each old worker
+        # drains for close_timeout, which must not take both workers down at once
+        stuck = [_stuck_client(port, 0), _stuck_client(port, 1)]
+        refused: list[BaseException] = []
+        done = threading.Event()
+
+        def probe() -> None:  # the service must answer during the whole replacement
+            while not done.is_set():
+                try:
+                    healthz(port, timeout=2.0)
+                except Exception as exc:
+                    refused.append(exc)
+                time.sleep(0.02)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        try:
+            cluster.signal(signal.SIGHUP)
+
+            def replaced() -> bool:
+                for shard in (0, 1):
+                    pids = {w["shard"]: w["pid"] for w in healthz_of(port, shard)["workers"]}
+                    if set(pids) != {0, 1} or set(pids.values()) & set(old.values()):
+                        return False
+                return True
+
+            wait_for(replaced, 2 * CLOSE_TIMEOUT + 10, interval=0.2)
+        finally:
+            done.set()
+            prober.join(5)
+            for sock in stuck:
+                sock.close()
+        assert refused == [], refused[:3]
+        assert not any(alive(pid) for pid in old.values())
+        assert cluster.proc is not None and cluster.proc.poll() is None
+
+        async def main() -> None:  # the new workers are one logical server
+            a = await open_client_on(port, 0)
+            b = await open_client_on(port, 1)
+            try:
+                await a.ws.send("broadcast:after hup")
+                assert await a.next() == "after hup"
+                assert await b.next() == "after hup"
+            finally:
+                await close_all([a, b])
+
+        asyncio.run(main())
+
+
+def _known_pids(cluster: Cluster) -> dict[int, int] | None:
+    """shard -> pid once the answering worker has heard every peer's heartbeat."""
+    pids = cluster.worker_pids()
+    return pids if all(pids.values()) else None
+
+
+def test_sigttin_and_sigttou_add_and_remove_a_worker() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        port = cluster.port
+
+        def workers_seen_by_all(count: int) -> bool:
+            for shard in range(count):
+                if len(healthz_of(port, shard, timeout=2.0)["workers"]) != count:
+                    return False
+            return len(cluster.children()) == count + 1
+
+        cluster.signal(signal.SIGTTIN)
+        wait_for(lambda: workers_seen_by_all(3), 10)
+        pids = wait_for(lambda: _known_pids(cluster), 5)
+        assert sorted(pids) == [0, 1, 2]
+        cluster.signal(signal.SIGTTOU)
+        wait_for(lambda: workers_seen_by_all(2) and len(healthz(port)["workers"]) == 2, 10)
+        wait_for(lambda: not alive(pids[2]), 5)
+        assert wait_for(lambda: _known_pids(cluster), 5) == {0: pids[0], 1: pids[1]}
+
+
+# ------------------------------------------------------------- failures
+
+
+def test_broker_sigkill_is_restarted_and_bus_traffic_resumes() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        port = cluster.port
+
+        async def main() -> float:
+            a = await open_client_on(port, 0)
+            b = await open_client_on(port, 1)
+            try:
+                workers = cluster.worker_pids()
+                broker = cluster.broker_pid()
+                os.kill(broker, signal.SIGKILL)
+                killed_at = time.monotonic()
+                # until a broadcast crosses from worker 0 to worker 1 again
+                deadline = killed_at + 5.0
+                n = 0
+                while True:
+                    assert time.monotonic() < deadline, cluster.log()
+                    n += 1
+                    await a.ws.send(f"broadcast:ping{n}")
+                    try:
+                        while True:
+                            message = await b.next(timeout=0.1)
+                            if message == f"ping{n}":
+                                break
+                        break
+                    except TimeoutError:
+                        pass
+                recovered = time.monotonic() - killed_at
+                assert cluster.worker_pids() == workers  # the workers were not touched
+                new_broker = cluster.broker_pid()
+                assert new_broker != broker
+                # and the other way, once more
+                await b.ws.send("broadcast:back")
+                while await a.next() != "back":
+                    pass
+                return recovered
+            finally:
+                await close_all([a, b])
+
+        recovered = asyncio.run(main())
+        print(f"broker restart, bus traffic back after {recovered:.3f}s")
+        assert "broker" in cluster.log() and "restarting it" in cluster.log()
+
+
+def test_supervisor_sigkill_leaves_no_orphans() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        children = {child.pid for child in cluster.children()}
+        assert len(children) == 3
+        assert len(cluster.runtime_dirs()) == 1
+        os.kill(cluster.pid, signal.SIGKILL)
+        cluster.wait(5)
+        assert wait_for_gone(children, 5.0) == []
+        # the broker removed the ipc files and the runtime directory on its way out
+        assert cluster.runtime_dirs() == []
+        assert port_is_free(cluster.port)  # nobody holds the port
+
+
+# ------------------------------------------------------- one worker, echo
+
+
+def test_one_worker_does_not_fork() -> None:
+    with Cluster(workers=1) as cluster:
+        data = wait_for(lambda: healthz(cluster.port), 15)
+        assert [w["pid"] for w in data["workers"]] == [cluster.pid]
+        assert cluster.children() == []
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(CLOSE_TIMEOUT + 3) == 0
+
+
+def test_echo_example_with_two_workers_broadcasts_everywhere() -> None:
+    port = free_port()
+    command = [
+        sys.executable,
+        str(Path(REPO_ROOT, "examples", "echo.py")),
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
+    with Cluster(workers=2, port=port, command=command) as cluster:
+        cluster.wait_ready()
+
+        async def main() -> None:
+            from websockets.asyncio.client import connect
+
+            sockets = [await connect(f"ws://127.0.0.1:{port}/") for _ in range(30)]
+            try:
+                await sockets[0].send("just echo")
+                assert await asyncio.wait_for(sockets[0].recv(), 5) == "just echo"
+                per_worker = [w["clients"] for w in healthz(port)["workers"]]
+                assert len(per_worker) == 2 and all(per_worker), per_worker
+                await sockets[-1].send("broadcast:to everyone")
+                for ws in sockets:
+                    assert await asyncio.wait_for(ws.recv(), 5) == "to everyone"
+            finally:
+                await asyncio.gather(*(ws.close() for ws in sockets))
+
+        asyncio.run(main())
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(10) == 0
