@@ -11,6 +11,7 @@ no task and no timer per connection: the server's sweep handles timeouts.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ __all__ = ["Connection"]
 
 logger = logging.getLogger("enjent.connection")
 
+_OPEN = State.OPEN
 _TEXT = Opcode.TEXT.value
 _BINARY = Opcode.BINARY.value
 _str = str
@@ -87,11 +89,21 @@ class Connection(ServerProtocol, asyncio.Protocol):
             self._batching = True
             server = self.server
             client = self.client
+            handler = server._single_message_handler
             try:
                 for event in events:
                     kind = type(event)
                     if kind is _str or kind is _bytes:
-                        server._dispatch_message(client, event)  # type: ignore[arg-type]
+                        if handler is None:
+                            server._dispatch_message(client, event)  # type: ignore[arg-type]
+                            continue
+                        try:
+                            result = handler(client, event)
+                        except Exception as exc:
+                            server._report_error(client, exc)
+                            continue
+                        if result is not None and inspect.isawaitable(result):
+                            server._spawn(result, client)
                     elif kind is Close:
                         self._on_close(event)  # type: ignore[arg-type]
                     else:
@@ -151,7 +163,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
             self._head = b""
             assert self.transport is not None
             request.remote_address = self.transport.get_extra_info("peername")
-            response, client = server._handshake(request)
+            response, client, extension = server._handshake(request)
         except WebSocketNegotiationError as exc:
             self._refuse(exc)
             return
@@ -165,6 +177,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
             transport.close()
             return
         self.client = client
+        self.extension = extension
         client._connection = self
         transport.write(response)
         server._client_ready(client)
@@ -183,7 +196,13 @@ class Connection(ServerProtocol, asyncio.Protocol):
         server.stats["handshakes_refused"] += 1
         transport = self.transport
         if transport is not None:
-            transport.write(error_response(error, server=server.server_header))
+            try:
+                response = error_response(error, server=server.server_header)
+            except ValueError as exc:  # a hook's header with CR/LF: never split the response
+                logger.error("handshake refusal not sent as given: %s", exc)
+                internal = WebSocketNegotiationError(500, "internal server error")
+                response = error_response(internal, server=server.server_header)
+            transport.write(response)
             transport.close()
 
     # ------------------------------------------------------------- output
@@ -206,10 +225,30 @@ class Connection(ServerProtocol, asyncio.Protocol):
         return self.state is State.OPEN and self.transport is not None
 
     def send_message(self, data: str | bytes | bytearray | memoryview) -> bool:
+        """Encode one message and write or queue it (see :meth:`send_frame`)."""
         if type(data) is _str:
-            frame = encode_frame(_TEXT, data.encode("utf-8"))
+            first = 0x81  # FIN + text
+            payload: Any = data.encode("utf-8")
+        elif isinstance(data, bytes | bytearray | memoryview):
+            first = 0x82  # FIN + binary
+            payload = data
         else:
-            frame = encode_frame(_BINARY, data)  # type: ignore[arg-type]
+            raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
+        extension: Any = self.extension  # a PerMessageDeflate when negotiated
+        if extension is not None and extension.should_compress(len(payload)):
+            payload = extension.encode(bytes(payload))
+            first |= 0x40  # RSV1: compressed (RFC 7692 §6)
+        length = len(payload)
+        if length < 126:
+            frame = bytes((first, length)) + payload
+        else:
+            frame = encode_frame(first & 0x0F, payload, rsv1=bool(first & 0x40))
+        if self.state is _OPEN and not self._paused:  # the common case, inline
+            if self._batching:
+                self.pending.append(frame)
+            else:
+                self.transport.write(frame)  # type: ignore[union-attr]
+            return True
         return self.send_frame(frame)
 
     def send_frame(self, frame: bytes) -> bool:

@@ -125,15 +125,19 @@ class Request:
     ``path`` is percent-decoded and excludes the query string; ``query``
     holds the query string parsed (repeated keys kept); ``cookies`` the
     ``Cookie`` header parsed. ``remote_address`` is filled in by the server.
+
+    Memory: a connected client keeps its request for its whole life, so
+    once the handshake is done the server calls :meth:`compact`, which keeps
+    only the raw header bytes; ``headers``, ``query`` and ``cookies`` are
+    parsed again (and cached) the first time they are read.
     """
 
     __slots__ = (
-        "cookies",
-        "headers",
+        "_cookies",
+        "_headers",
+        "_query",
+        "_raw_headers",
         "method",
-        "path",
-        "query",
-        "query_string",
         "remote_address",
         "target",
         "version",
@@ -143,28 +147,81 @@ class Request:
         self,
         method: str,
         target: str,
-        headers: Headers,
+        headers: Headers | None = None,
         *,
         version: str = "HTTP/1.1",
         remote_address: tuple[str, int] | None = None,
+        raw_headers: bytes | None = None,
     ) -> None:
+        if headers is None and raw_headers is None:
+            headers = Headers()
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
-        raw_path, _, self.query_string = target.partition("?")
-        self.path = unquote(raw_path)
-        self.query = MultiDict(parse_qsl(self.query_string, keep_blank_values=True))
-        self.cookies = _parse_cookies(headers.get_all("Cookie"))
         self.remote_address = remote_address
+        self._headers = headers
+        self._raw_headers = raw_headers
+        self._query: MultiDict | None = None
+        self._cookies: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """The header fields (case-insensitive names, repeated fields kept)."""
+        headers = self._headers
+        if headers is None:
+            assert self._raw_headers is not None
+            headers = self._headers = Headers(_split_fields(self._raw_headers))
+        return headers
+
+    @property
+    def path(self) -> str:
+        """The percent-decoded path, without the query string."""
+        return unquote(self.target.partition("?")[0])
+
+    @property
+    def query_string(self) -> str:
+        """The raw query string (after ``?``), or ``""``."""
+        return self.target.partition("?")[2]
+
+    @property
+    def query(self) -> MultiDict:
+        """The query string parsed; ``query["key"]`` is the first value."""
+        query = self._query
+        if query is None:
+            query = self._query = MultiDict(parse_qsl(self.query_string, keep_blank_values=True))
+        return query
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """The ``Cookie`` header parsed (the first value of each name)."""
+        cookies = self._cookies
+        if cookies is None:
+            cookies = self._cookies = _parse_cookies(self.headers.get_all("Cookie"))
+        return cookies
 
     @property
     def url(self) -> str:
         """The request target as sent (path and query string)."""
         return self.target
 
+    def compact(self) -> None:
+        """Drop what can be parsed again from the raw header bytes."""
+        if self._raw_headers is not None:
+            self._headers = None
+            self._query = None
+            self._cookies = None
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target}>"
+
+
+def _split_fields(raw: bytes) -> list[tuple[str, str]]:
+    """(name, value) pairs of header lines already checked by parse_request."""
+    fields = []
+    for line in raw.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        fields.append((name.decode("ascii"), value.decode("latin-1").strip(" \t")))
+    return fields
 
 
 def _parse_cookies(fields: list[str]) -> dict[str, str]:
@@ -237,7 +294,11 @@ def parse_request(
     target = target_bytes.decode("ascii")
     if not target.startswith("/"):
         raise WebSocketNegotiationError(400, "the request target must be a path")
-    request = Request(method, target, Headers(fields), version="HTTP/1.1")
+    first_line_end = head.find(b"\r\n")
+    raw_headers = head[first_line_end + 2 :] if first_line_end >= 0 else None
+    request = Request(
+        method, target, Headers(fields), version="HTTP/1.1", raw_headers=raw_headers
+    )
     return request, end + len(_END_OF_HEAD)
 
 

@@ -191,6 +191,30 @@ class ServerProtocol:
                 header = 14
             if not second & 0x80:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
+            if (first == 0x81 or first == 0x82) and not self._frag_opcode:
+                # the common case, on its own short path: a whole text or
+                # binary message in one frame, no RSV bit
+                if length > max_size:
+                    raise ProtocolError(
+                        CloseCode.MESSAGE_TOO_BIG, f"message over the limit of {max_size} bytes"
+                    )
+                stop = pos + header + length
+                if stop > end:
+                    self._need = stop - pos
+                    break
+                key = data[pos + header - 4 : pos + header]
+                payload = apply_mask(view[pos + header : stop], key)
+                pos = stop
+                if first == 0x81:
+                    try:
+                        events.append(payload.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise ProtocolError(
+                            CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
+                        ) from None
+                else:
+                    events.append(payload)
+                continue
             opcode = first & 0x0F
             fin = first & 0x80
             rsv = first & 0x70
@@ -313,12 +337,15 @@ class ServerProtocol:
         message: str | bytes | None = None
         if decoder is not None:
             text_parts: list[str] = self._fragments  # type: ignore[assignment]
-            text_parts.append(self._decode_fragment(decoder, payload, fin))
+            text = self._decode_fragment(decoder, payload, fin)
+            if text:  # endless empty fragments must not grow the list
+                text_parts.append(text)
             if fin:
                 message = "".join(text_parts)
         else:
             binary_parts: list[bytes] = self._fragments  # type: ignore[assignment]
-            binary_parts.append(payload)
+            if payload:
+                binary_parts.append(payload)
             if fin:
                 message = b"".join(binary_parts)
         if fin:
@@ -333,11 +360,19 @@ class ServerProtocol:
     def _decode_fragment(decoder: codecs.IncrementalDecoder, payload: bytes, fin: bool) -> str:
         """Decode a fragment, failing on the first invalid byte (RFC 6455 §8.1)."""
         try:
-            return decoder.decode(payload, fin)
+            text = decoder.decode(payload, fin)
         except UnicodeDecodeError:
             raise ProtocolError(
                 CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
             ) from None
+        if not fin:
+            # CPython keeps ED A0-BF pending although only a surrogate can follow
+            pending = decoder.getstate()[0]
+            if len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0:
+                raise ProtocolError(
+                    CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
+                )
+        return text
 
     def _receive_close(self, payload: bytes) -> Close:
         """The peer's close frame (RFC 6455 §5.5.1): echo its code, then close."""

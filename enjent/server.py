@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .client import WebSocketClient
 from .connection import Connection
+from .deflate import DeflateOptions, PerMessageDeflate, negotiate
 from .exceptions import HandshakeRejected, WebSocketNegotiationError, WebSocketServerError
 from .frames import CloseCode, Opcode, encode_frame
 from .handshake import (
@@ -95,6 +96,14 @@ class Response:
 HandshakeHook = Callable[[Request], "Accept | Response | None"]
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _encode_message(data: str | bytes | bytearray | memoryview) -> bytes:
     if isinstance(data, str):
         return encode_frame(_TEXT, data.encode("utf-8"))
@@ -103,11 +112,48 @@ def _encode_message(data: str | bytes | bytearray | memoryview) -> bytes:
     raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
 
 
+class OutgoingMessage:
+    """One message to many clients: the frame is encoded once, and compressed
+    at most once per distinct permessage-deflate setting (not per client)."""
+
+    __slots__ = ("_compressed", "frame", "opcode", "payload")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame
+        self.opcode = frame[0] & 0x0F
+        length = frame[1] & 0x7F
+        offset = 2 if length < 126 else (4 if length == 126 else 10)
+        self.payload = memoryview(frame)[offset:]
+        self._compressed: dict[int, bytes] | None = None
+
+    def frame_for(self, extension: PerMessageDeflate) -> bytes:
+        """The frame for a connection that negotiated permessage-deflate."""
+        if not extension.should_compress(len(self.payload)):
+            return self.frame
+        if not extension.stateless:
+            return encode_frame(self.opcode, extension.encode(bytes(self.payload)), rsv1=True)
+        key = extension.compress_key()
+        cache = self._compressed
+        if cache is None:
+            cache = self._compressed = {}
+        frame = cache.get(key)
+        if frame is None:
+            frame = encode_frame(self.opcode, extension.encode(bytes(self.payload)), rsv1=True)
+            cache[key] = frame
+        return frame
+
+
 class WebSocketServer:
     """A WebSocket server: register handlers, then ``run`` or ``start`` it.
 
     Every option is keyword-only, with a safe default:
 
+    Compression
+        ``compression``: ``"deflate"`` (the default: permessage-deflate
+        without context takeover, so idle connections keep no zlib state
+        and a broadcast is compressed once), ``None`` (off), or a
+        :class:`~enjent.deflate.DeflateOptions` (window bits, memory level,
+        level, ``min_size`` below which messages go uncompressed).
     Handshake
         ``subprotocols`` (server's preference order), ``allowed_origins``
         (``None``: any; otherwise a list, others get 403), ``health_path``
@@ -142,6 +188,7 @@ class WebSocketServer:
         client_class: type[WebSocketClient] = WebSocketClient,
         client_factory: Callable[[Request], WebSocketClient] | None = None,
         server_header: str | None = "enjent",
+        compression: str | DeflateOptions | None = "deflate",
         max_message_size: int = 1 << 20,
         max_connections: int = 25_000,
         write_limit: int = 512 * 1024,
@@ -174,6 +221,14 @@ class WebSocketServer:
             raise ValueError("ping_interval must be positive, or None to disable keepalive")
         if not issubclass(client_class, WebSocketClient):
             raise TypeError("client_class must be a subclass of WebSocketClient")
+        if compression == "deflate":
+            compression = DeflateOptions()
+        elif compression is not None and not isinstance(compression, DeflateOptions):
+            raise ValueError(
+                f"compression must be 'deflate', None or a DeflateOptions, got {compression!r}"
+            )
+        #: permessage-deflate settings (RFC 7692), or ``None`` when off.
+        self.compression: DeflateOptions | None = compression
         self.subprotocols = list(subprotocols)
         self.allowed_origins = None if allowed_origins is None else set(allowed_origins)
         self.health_path = health_path
@@ -194,6 +249,7 @@ class WebSocketServer:
 
         self._connect_handlers: list[Callable[..., Any]] = []
         self._message_handlers: list[Callable[..., Any]] = []
+        self._single_message_handler: Callable[..., Any] | None = None
         self._disconnect_handlers: list[Callable[..., Any]] = []
         self._error_handlers: list[Callable[..., Any]] = []
         self._control_handlers: list[Callable[..., Any]] = []
@@ -238,6 +294,13 @@ class WebSocketServer:
     def on_message(self, handler: F) -> F:
         """Register ``handler(client, message)``; ``message`` is str or bytes."""
         self._message_handlers.append(handler)
+        handlers = self._message_handlers
+        # one plain function: connections call it directly (the hot path)
+        self._single_message_handler = (
+            handlers[0]
+            if len(handlers) == 1 and not inspect.iscoroutinefunction(handlers[0])
+            else None
+        )
         return handler
 
     def on_disconnect(self, handler: F) -> F:
@@ -262,8 +325,15 @@ class WebSocketServer:
         subprotocol, attach ``data``, add headers), :class:`Response` (answer
         with plain HTTP: refuse with 401/403, or serve a page), or raise
         :class:`~enjent.HandshakeRejected`. It runs for plain HTTP requests
-        too, so it can serve a page at ``/``. It must not block.
+        too, so it can serve a page at ``/``. It must be a plain function
+        that does not block (the handshake is answered within one read);
+        do slow authentication in ``on_connect`` and close the client there.
         """
+        if inspect.iscoroutinefunction(hook):
+            raise TypeError(
+                "on_handshake hooks must be plain functions (the handshake is answered "
+                "synchronously); check credentials asynchronously in on_connect instead"
+            )
         self._handshake_hooks.append(hook)
         return hook
 
@@ -277,14 +347,17 @@ class WebSocketServer:
             if result is not None and inspect.isawaitable(result):
                 self._spawn(result, client)
 
-    def _spawn(self, awaitable: Awaitable[Any], client: Any) -> None:
+    def _spawn(self, awaitable: Awaitable[Any], client: Any, *, report: bool = True) -> None:
         async def run() -> None:
             try:
                 await awaitable
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._report_error(client, exc)
+                if report:
+                    self._report_error(client, exc)
+                else:  # a failing async on_error must not call on_error again, forever
+                    logger.error("error in an on_error handler", exc_info=exc)
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -297,7 +370,7 @@ class WebSocketServer:
             try:
                 result = handler(client, exc)
                 if result is not None and inspect.isawaitable(result):
-                    self._spawn(result, None)
+                    self._spawn(result, None, report=False)
             except Exception:
                 logger.exception("error in an on_error handler")
 
@@ -320,11 +393,13 @@ class WebSocketServer:
 
     # ----------------------------------------------------------- handshake
 
-    def _handshake(self, request: Request) -> tuple[bytes, WebSocketClient | None]:
+    def _handshake(
+        self, request: Request
+    ) -> tuple[bytes, WebSocketClient | None, PerMessageDeflate | None]:
         """Decide on a parsed request: a 101 and a new client, or an HTTP answer."""
         upgrade = is_upgrade_request(request)
         if not upgrade and self.health_path is not None and request.path == self.health_path:
-            return json_response(200, self.health()), None
+            return json_response(200, self.health()), None, None
         if upgrade and len(self._clients) >= self.max_connections:
             raise WebSocketNegotiationError(
                 503, "server full (max_connections)", headers=[("Retry-After", "5")]
@@ -337,7 +412,7 @@ class WebSocketServer:
         for hook in self._handshake_hooks:
             answer = hook(request)
             if isinstance(answer, Response):
-                return answer.encode(self.server_header), None
+                return answer.encode(self.server_header), None, None
             if isinstance(answer, Accept):
                 accept = answer
             elif answer is not None:
@@ -367,10 +442,24 @@ class WebSocketServer:
         if accept.data is not None:
             client.data = accept.data
         client._server = self
+        extension = None
+        extensions_header = None
+        if self.compression is not None:
+            offers = request.headers.get_all("Sec-WebSocket-Extensions")
+            negotiated = negotiate(offers, self.compression) if offers else None
+            if negotiated is not None:
+                extension = PerMessageDeflate(
+                    negotiated, self.compression, max_message_size=self.max_message_size
+                )
+                extensions_header = negotiated.response()
         extra = list(accept.headers)
         if self.server_header:
             extra.append(("Server", self.server_header))
-        return accept_response(key, subprotocol=subprotocol, extra_headers=extra), client
+        response = accept_response(
+            key, subprotocol=subprotocol, extensions=extensions_header, extra_headers=extra
+        )
+        request.compact()
+        return response, client, extension
 
     def _client_ready(self, client: WebSocketClient) -> None:
         self.stats["connections_accepted"] += 1
@@ -400,11 +489,13 @@ class WebSocketServer:
             if part.strip()
         ]
         for address in reversed(forwarded):
+            if not _is_ip(address):
+                return host  # garbage from the proxy chain: trust nothing in it
             if not self._is_trusted(address):
                 return address
-        real_ip = headers.get("X-Real-Ip")
-        if real_ip:
-            return real_ip.strip()
+        real_ip = (headers.get("X-Real-Ip") or "").strip()
+        if real_ip and _is_ip(real_ip):
+            return real_ip
         return forwarded[0] if forwarded else host
 
     def _is_trusted(self, address: str) -> bool:
@@ -524,12 +615,23 @@ class WebSocketServer:
     def _write_all(
         clients: Iterable[WebSocketClient], frame: bytes, exclude: WebSocketClient | None
     ) -> int:
+        """Write one encoded frame to many clients; returns how many took it."""
         count = 0
+        message: OutgoingMessage | None = None
         for client in list(clients):
             if client is exclude:
                 continue
             connection = client._connection
-            if connection is not None and connection.send_frame(frame):
+            if connection is None:
+                continue
+            extension = connection.extension
+            if extension is None:
+                sent = connection.send_frame(frame)
+            else:
+                if message is None:
+                    message = OutgoingMessage(frame)
+                sent = connection.send_frame(message.frame_for(extension))  # type: ignore[arg-type]
+            if sent:
                 count += 1
         return count
 
@@ -680,7 +782,8 @@ class WebSocketServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        tasks = list(self._tasks)
+        current = asyncio.current_task()  # a handler may await stop(): never wait on itself
+        tasks = [task for task in self._tasks if task is not current]
         if tasks:
             _, still_running = await asyncio.wait(tasks, timeout=timeout)
             for task in still_running:

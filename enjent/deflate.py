@@ -1,0 +1,301 @@
+"""permessage-deflate (RFC 7692): negotiation and per-message (de)compression.
+
+Protocol core (layer 1 of DESIGN.md): no I/O. Memory is the design goal:
+
+- With ``server_no_context_takeover`` (the default) every message we send
+  is compressed independently, so one compressor per setting is shared by
+  all the connections of a process (``Z_FULL_FLUSH`` after each message
+  resets it) and a broadcast is compressed once per distinct setting, not
+  once per client. Per connection this costs nothing.
+- With ``client_no_context_takeover`` (the default; a server may always ask
+  for it, RFC 7692 §7.1.1.2) each received message gets a fresh inflater
+  that lives only while the message is read: no idle state either.
+- Turning either off keeps a zlib stream per connection (about 64 KiB to
+  300 KiB each with zlib's defaults): better ratios, much more memory.
+
+A message that inflates past ``max_message_size`` stops decompression at
+the limit (the rest is never produced) and closes the connection with 1009.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from .exceptions import ProtocolError
+from .frames import CloseCode
+
+__all__ = [
+    "DeflateOptions",
+    "Negotiated",
+    "PerMessageDeflate",
+    "negotiate",
+]
+
+_TAIL = b"\x00\x00\xff\xff"
+_PARAMS = frozenset(
+    {
+        "server_no_context_takeover",
+        "client_no_context_takeover",
+        "server_max_window_bits",
+        "client_max_window_bits",
+    }
+)
+
+
+@dataclass(frozen=True)
+class DeflateOptions:
+    """What the server is willing to do (``WebSocketServer(compression=...)``).
+
+    ``server_max_window_bits`` bounds our compressor's window (9-15);
+    ``client_max_window_bits`` (``None``: no limit) asks clients that support
+    it to use a smaller window; ``memory_level`` (1-9) and ``level`` (0-9)
+    are zlib's; messages shorter than ``min_size`` bytes go uncompressed.
+    """
+
+    server_no_context_takeover: bool = True
+    client_no_context_takeover: bool = True
+    server_max_window_bits: int = 15
+    client_max_window_bits: int | None = None
+    memory_level: int = 8
+    level: int = 6
+    min_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not 9 <= self.server_max_window_bits <= 15:
+            raise ValueError("server_max_window_bits must be between 9 and 15")
+        if self.client_max_window_bits is not None and not 8 <= self.client_max_window_bits <= 15:
+            raise ValueError("client_max_window_bits must be between 8 and 15")
+        if not 1 <= self.memory_level <= 9:
+            raise ValueError("memory_level must be between 1 and 9")
+        if not 0 <= self.level <= 9:
+            raise ValueError("level must be between 0 and 9")
+        if self.min_size < 0:
+            raise ValueError("min_size must be >= 0")
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The agreed parameters of one connection.
+
+    ``compress_bits`` is the window our compressor may use: 0 when the
+    client asked for a window zlib cannot produce (8 bits), in which case
+    we accept the extension and simply send every message uncompressed,
+    which RFC 7692 allows.
+    """
+
+    server_no_context_takeover: bool
+    client_no_context_takeover: bool
+    server_max_window_bits: int | None
+    client_max_window_bits: int | None
+    compress_bits: int
+
+    def response(self) -> str:
+        """The ``Sec-WebSocket-Extensions`` value of our 101 response."""
+        parts = ["permessage-deflate"]
+        if self.server_no_context_takeover:
+            parts.append("server_no_context_takeover")
+        if self.client_no_context_takeover:
+            parts.append("client_no_context_takeover")
+        if self.server_max_window_bits is not None:
+            parts.append(f"server_max_window_bits={self.server_max_window_bits}")
+        if self.client_max_window_bits is not None:
+            parts.append(f"client_max_window_bits={self.client_max_window_bits}")
+        return "; ".join(parts)
+
+
+def _parse_offers(values: list[str]) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    offers = []
+    for value in values:
+        for offer in value.split(","):
+            items = [item.strip() for item in offer.split(";")]
+            if not items[0]:
+                continue
+            params: list[tuple[str, str | None]] = []
+            for item in items[1:]:
+                if not item:
+                    continue
+                name, sep, raw = item.partition("=")
+                param_value: str | None = None
+                if sep:
+                    param_value = raw.strip()
+                    if len(param_value) >= 2 and param_value[0] == param_value[-1] == '"':
+                        param_value = param_value[1:-1]
+                params.append((name.strip().lower(), param_value))
+            offers.append((items[0].lower(), params))
+    return offers
+
+
+def _window_bits(value: str | None) -> int | None:
+    # isascii(): str.isdigit() is also true of "²" (a latin-1 header byte), which int() refuses
+    if (
+        value is None
+        or not (value.isascii() and value.isdigit())
+        or (len(value) > 1 and value[0] == "0")
+    ):
+        return None
+    bits = int(value)
+    return bits if 8 <= bits <= 15 else None
+
+
+def negotiate(header_values: list[str], options: DeflateOptions) -> Negotiated | None:
+    """Accept the first acceptable permessage-deflate offer (RFC 7692 §5, §7).
+
+    An offer with an unknown or repeated parameter, or an invalid value, is
+    declined and the next one tried; ``None`` means no compression.
+    """
+    for name, params in _parse_offers(header_values):
+        if name != "permessage-deflate":
+            continue
+        seen: dict[str, str | None] = {}
+        valid = True
+        for param, value in params:
+            if param not in _PARAMS or param in seen:
+                valid = False
+                break
+            seen[param] = value
+        if not valid:
+            continue
+        if any(
+            seen.get(p) is not None
+            for p in ("server_no_context_takeover", "client_no_context_takeover")
+        ):
+            continue
+        server_bits: int | None = None
+        if "server_max_window_bits" in seen:
+            server_bits = _window_bits(seen["server_max_window_bits"])
+            if server_bits is None:
+                continue
+        client_bits: int | None = None
+        if "client_max_window_bits" in seen:
+            raw = seen["client_max_window_bits"]
+            if raw is not None and _window_bits(raw) is None:
+                continue
+            offered = _window_bits(raw) if raw is not None else 15
+            assert offered is not None
+            if options.client_max_window_bits is not None:
+                client_bits = min(offered, options.client_max_window_bits)
+            elif raw is not None:
+                client_bits = offered
+        ours = options.server_max_window_bits
+        if server_bits is not None:
+            response_server_bits: int | None = min(server_bits, ours)
+        elif ours < 15:
+            response_server_bits = ours
+        else:
+            response_server_bits = None
+        compress_bits = response_server_bits or 15
+        if compress_bits < 9:
+            compress_bits = 0  # zlib cannot write raw deflate with an 8-bit window
+        return Negotiated(
+            server_no_context_takeover=(
+                options.server_no_context_takeover or "server_no_context_takeover" in seen
+            ),
+            client_no_context_takeover=(
+                options.client_no_context_takeover or "client_no_context_takeover" in seen
+            ),
+            server_max_window_bits=response_server_bits,
+            client_max_window_bits=client_bits,
+            compress_bits=compress_bits,
+        )
+    return None
+
+
+class _SharedCompressors:
+    """One compressor per (window, memory level, level), for stateless messages."""
+
+    def __init__(self) -> None:
+        self._by_setting: dict[tuple[int, int, int], zlib._Compress] = {}
+
+    def compress(self, data: bytes, bits: int, memory_level: int, level: int) -> bytes:
+        key = (bits, memory_level, level)
+        compressor = self._by_setting.get(key)
+        if compressor is None:
+            compressor = zlib.compressobj(level, zlib.DEFLATED, -bits, memory_level)
+            self._by_setting[key] = compressor
+        out = compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+        return out[:-4] if out.endswith(_TAIL) else out
+
+
+SHARED_COMPRESSORS = _SharedCompressors()
+
+
+class PerMessageDeflate:
+    """The permessage-deflate state of one connection (small when stateless)."""
+
+    __slots__ = (
+        "_compressor",
+        "_exceeded",
+        "_inflater",
+        "_produced",
+        "max_message_size",
+        "negotiated",
+        "options",
+    )
+
+    def __init__(
+        self, negotiated: Negotiated, options: DeflateOptions, *, max_message_size: int
+    ) -> None:
+        self.negotiated = negotiated
+        self.options = options
+        self.max_message_size = max_message_size
+        self._inflater: zlib._Decompress | None = None
+        self._compressor: zlib._Compress | None = None
+        self._produced = 0
+        self._exceeded = False
+
+    # ------------------------------------------------------------ receive
+
+    def decode(self, payload: bytes, *, fin: bool, compressed: bool) -> bytes:
+        """Inflate one frame of a compressed message (RFC 7692 §7.2.2)."""
+        inflater = self._inflater
+        if inflater is None:
+            inflater = zlib.decompressobj(-15)
+            self._inflater = inflater
+            self._produced = 0
+        data = payload + _TAIL if fin else payload
+        budget = self.max_message_size - self._produced + 1
+        out = inflater.decompress(data, budget)
+        self._produced += len(out)
+        if inflater.unconsumed_tail or self._produced > self.max_message_size:
+            self._exceeded = True
+            self._inflater = None
+            raise ProtocolError(
+                CloseCode.MESSAGE_TOO_BIG,
+                f"message over the limit of {self.max_message_size} bytes once decompressed",
+            )
+        if fin:
+            self._produced = 0
+            if self.negotiated.client_no_context_takeover or inflater.eof:
+                self._inflater = None
+        return out
+
+    def max_message_size_exceeded(self) -> bool:
+        return self._exceeded
+
+    # --------------------------------------------------------------- send
+
+    @property
+    def stateless(self) -> bool:
+        """Whether our messages are compressed independently (shareable)."""
+        return self.negotiated.server_no_context_takeover
+
+    def compress_key(self) -> int:
+        """Connections with the same key get the same compressed bytes."""
+        return self.negotiated.compress_bits
+
+    def should_compress(self, size: int) -> bool:
+        return self.negotiated.compress_bits != 0 and size >= self.options.min_size
+
+    def encode(self, data: bytes) -> bytes:
+        """Compress one whole message (RSV1 goes on its first frame)."""
+        bits = self.negotiated.compress_bits
+        options = self.options
+        if self.stateless:
+            return SHARED_COMPRESSORS.compress(data, bits, options.memory_level, options.level)
+        compressor = self._compressor
+        if compressor is None:
+            compressor = zlib.compressobj(options.level, zlib.DEFLATED, -bits, options.memory_level)
+            self._compressor = compressor
+        out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return out[:-4] if out.endswith(_TAIL) else out
