@@ -67,6 +67,7 @@ SERVERS: dict[str, ServerKind] = {
     "enjent": ServerKind("enjent", None, multiprocess=True),
     "websockets": ServerKind("websockets", "websockets", multiprocess=False),
     "aiohttp": ServerKind("aiohttp", "aiohttp", multiprocess=False),
+    "picows": ServerKind("picows", "picows", multiprocess=False),
 }
 PEERS = [name for name in SERVERS if name != "enjent"]
 
