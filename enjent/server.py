@@ -49,6 +49,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Message = str | bytes
 
 _PING_FRAME = encode_frame(Opcode.PING.value, b"")
+_OPEN = State.OPEN
 _TEXT = Opcode.TEXT.value
 _BINARY = Opcode.BINARY.value
 
@@ -618,7 +619,9 @@ class WebSocketServer:
         """Write one encoded frame to many clients; returns how many took it."""
         count = 0
         message: OutgoingMessage | None = None
-        for client in list(clients):
+        # no copy of ``clients``: nothing below runs a handler or removes a
+        # client synchronously (transports report losses on a later tick)
+        for client in clients:
             if client is exclude:
                 continue
             connection = client._connection
@@ -626,6 +629,13 @@ class WebSocketServer:
                 continue
             extension = connection.extension
             if extension is None:
+                if connection.state is _OPEN and not connection._paused:  # inline fast path
+                    if connection._batching:
+                        connection.pending.append(frame)
+                    else:
+                        connection.transport.write(frame)  # type: ignore[union-attr]
+                    count += 1
+                    continue
                 sent = connection.send_frame(frame)
             else:
                 if message is None:
