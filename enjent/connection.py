@@ -189,7 +189,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
 
     def _refuse(self, error: WebSocketNegotiationError) -> None:
         server = self.server
-        if int(error.status) >= 500 or int(error.status) == 503:
+        if int(error.status) >= 500:
             logger.warning("handshake refused: %s", error)
         else:
             logger.info("handshake refused: %s", error)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import select
@@ -115,6 +116,10 @@ class Arbiter:
         self.publish_endpoint = f"ipc://{self.runtime_dir}/bus-in"
         self.subscribe_endpoint = f"ipc://{self.runtime_dir}/bus-out"
         self._install_signals()
+        # children share the supervisor's memory copy-on-write; keep the
+        # garbage collector of every child from touching (copying) it
+        gc.collect()
+        gc.freeze()
         try:
             self._spawn_broker()
             self._maintain()

@@ -4,6 +4,8 @@ optional C helper ``enjent._speedups`` must give identical bytes.
 
 from __future__ import annotations
 
+import os
+
 import random
 from collections.abc import Callable
 
@@ -76,6 +78,10 @@ def test_zero_mask_is_identity(apply_mask: MaskFunction) -> None:
 
 
 @needs_speedups
+@pytest.mark.skipif(
+    os.environ.get("ENJENT_NO_SPEEDUPS", "") not in ("", "0"),
+    reason="ENJENT_NO_SPEEDUPS forces the pure-Python fallback",
+)
 def test_module_uses_speedups_when_built() -> None:
     assert mask_module.HAVE_SPEEDUPS
     assert mask_module.apply_mask is apply_mask_c
