@@ -5,7 +5,6 @@ optional C helper ``enjent._speedups`` must give identical bytes.
 from __future__ import annotations
 
 import os
-
 import random
 from collections.abc import Callable
 
