@@ -296,9 +296,7 @@ def parse_request(
         raise WebSocketNegotiationError(400, "the request target must be a path")
     first_line_end = head.find(b"\r\n")
     raw_headers = head[first_line_end + 2 :] if first_line_end >= 0 else None
-    request = Request(
-        method, target, Headers(fields), version="HTTP/1.1", raw_headers=raw_headers
-    )
+    request = Request(method, target, Headers(fields), version="HTTP/1.1", raw_headers=raw_headers)
     return request, end + len(_END_OF_HEAD)
 
 
