@@ -22,6 +22,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -125,7 +126,9 @@ class ClusterClient:
         self.max_publish_rate = max_publish_rate
         self.heartbeat_interval = heartbeat_interval
         self.peer_timeout = peer_timeout
-        #: Every client of the cluster: id -> (shard, path, connected_at).
+        #: The clients of the *other* workers: id -> (shard, path, connected_at).
+        #: This worker's own clients are ``server._clients``; not storing them
+        #: twice saves memory on every worker.
         self.directory: dict[str, tuple[int, str, float]] = {}
         self._shard_counts: collections.Counter[int] = collections.Counter()
         self.peers: dict[int, Peer] = {}
@@ -173,12 +176,7 @@ class ClusterClient:
         self._fd = int(sub.getsockopt(zmq.FD))
         loop.add_reader(self._fd, self._on_readable)
         self._heartbeat_task = loop.create_task(self._heartbeat_forever())
-        self.directory_add_local_all()
         loop.call_soon(self._on_readable)
-
-    def directory_add_local_all(self) -> None:
-        for client in self.server._clients.values():
-            self._directory_add(client.id, self.shard, client.request.path, client.connected_at)
 
     async def close(self) -> None:
         """Stop the heartbeat and close the sockets (pending messages get 0.5 s)."""
@@ -272,13 +270,11 @@ class ClusterClient:
     # --------------------------------------------------- events from server
 
     def client_connected(self, client: WebSocketClient) -> None:
-        self._directory_add(client.id, self.shard, client.request.path, client.connected_at)
         self._publish(
             bus.TOPIC_DIRECTORY, Kind.CONNECT, client.id, client.request.path, client.connected_at
         )
 
     def client_disconnected(self, client: WebSocketClient) -> None:
-        self._directory_remove(client.id)
         self._publish(bus.TOPIC_DIRECTORY, Kind.DISCONNECT, client.id)
 
     def room_created(self, name: str) -> None:
@@ -302,7 +298,7 @@ class ClusterClient:
     def _directory_add(self, client_id: str, shard: int, path: str, connected_at: float) -> None:
         if client_id not in self.directory:
             self._shard_counts[shard] += 1
-        self.directory[client_id] = (shard, path, connected_at)
+        self.directory[client_id] = (shard, sys.intern(path), connected_at)
 
     def _directory_remove(self, client_id: str) -> None:
         entry = self.directory.pop(client_id, None)
@@ -324,7 +320,7 @@ class ClusterClient:
         return len(doomed)
 
     def client_count(self) -> int:
-        return len(self.directory)
+        return len(self.server._clients) + len(self.directory)
 
     def get_client(self, client_id: str) -> RemoteClient | None:
         entry = self.directory.get(client_id)
@@ -333,13 +329,12 @@ class ClusterClient:
         return RemoteClient(self, client_id, entry[0], entry[1], entry[2])
 
     def all_clients(self) -> list[Any]:
-        local = self.server._clients
-        return [
-            local[client_id]
-            if client_id in local
-            else RemoteClient(self, client_id, entry[0], entry[1], entry[2])
+        """This worker's clients, then proxies for every other worker's."""
+        remote = [
+            RemoteClient(self, client_id, entry[0], entry[1], entry[2])
             for client_id, entry in self.directory.items()
         ]
+        return [*self.server._clients.values(), *remote]
 
     def health(self) -> dict[str, Any]:
         server = self.server
@@ -366,7 +361,7 @@ class ClusterClient:
             )
         return {
             "status": "ok",
-            "clients": len(self.directory),
+            "clients": len(server._clients) + len(self.directory),
             "local_clients": len(server._clients),
             "shard": self.shard,
             "workers": workers,
@@ -428,11 +423,20 @@ class ClusterClient:
         per_topic[key] = seq
 
     def _handle(self, topic: bytes, body: bytes) -> None:
+        """Handle one envelope; a field of the wrong type raises :class:`BusError`."""
         kind, origin, generation, seq, fields = bus.decode(body)
         own = origin == self.shard and generation == self.generation
         if own:
             return
         self._track_seq(topic, origin, generation, seq)
+        try:
+            self._dispatch(kind, origin, generation, fields)
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            # e.g. a str where an int belongs: counted as malformed and logged
+            # once, without the values (they may carry client data)
+            raise BusError(f"malformed {kind.name} envelope ({type(exc).__name__})") from None
+
+    def _dispatch(self, kind: Kind, origin: int, generation: str, fields: list[Any]) -> None:
         server = self.server
         if kind is Kind.BROADCAST:
             frame, exclude_id = fields
@@ -482,10 +486,11 @@ class ClusterClient:
             ]
             self._publish(bus.shard_topic(reply_shard), Kind.SNAPSHOT, snapshot)
         elif kind is Kind.SNAPSHOT:
+            rows = [(str(c), str(p), float(t)) for c, p, t in fields[0]]  # all or nothing
             self._peer(origin, generation)
             self._purge(origin)
-            for client_id, path, connected_at in fields[0]:
-                self._directory_add(str(client_id), origin, str(path), float(connected_at))
+            for client_id, path, connected_at in rows:
+                self._directory_add(client_id, origin, path, connected_at)
         elif kind is Kind.DEAD:
             shard, pid = int(fields[0]), int(fields[1])
             peer = self.peers.get(shard)
@@ -506,9 +511,10 @@ class ClusterClient:
 
     def _on_heartbeat(self, origin: int, generation: str, fields: list[Any]) -> None:
         pid, clients, stats = fields
+        pid, clients = int(pid), int(clients)  # a malformed one must not touch the peer
         peer = self._peer(origin, generation)
-        peer.pid = int(pid)
-        peer.clients = int(clients)
+        peer.pid = pid
+        peer.clients = clients
         peer.stats = stats if isinstance(stats, dict) else {}
         peer.last_heartbeat = time.monotonic()
         if self._shard_counts.get(origin, 0) != peer.clients:

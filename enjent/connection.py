@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import WebSocketNegotiationError
@@ -162,7 +163,10 @@ class Connection(ServerProtocol, asyncio.Protocol):
             request, consumed = parsed
             self._head = b""
             assert self.transport is not None
-            request.remote_address = self.transport.get_extra_info("peername")
+            peer = self.transport.get_extra_info("peername")
+            if peer:  # many clients share an address (a proxy): keep one copy of it
+                peer = (sys.intern(peer[0]), *peer[1:])
+            request.remote_address = peer
             response, client, extension = server._handshake(request)
         except WebSocketNegotiationError as exc:
             self._refuse(exc)

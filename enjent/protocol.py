@@ -137,7 +137,9 @@ class ServerProtocol:
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0: none
         self._frag_size = 0
         self._frag_compressed = False
-        self._fragments: list[bytes] | list[str] = []
+        #: the parts of a fragmented message in progress (a shared empty tuple
+        #: otherwise: an idle connection holds no list)
+        self._fragments: list[bytes] | list[str] | tuple[()] = ()
         self._decoder: codecs.IncrementalDecoder | None = None
 
     # ------------------------------------------------------------------ input
@@ -352,7 +354,7 @@ class ServerProtocol:
             self._frag_opcode = 0
             self._frag_size = 0
             self._frag_compressed = False
-            self._fragments = []
+            self._fragments = ()
             self._decoder = None
         return message
 
@@ -391,7 +393,7 @@ class ServerProtocol:
             self._close_frame = encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason))
         self.state = State.CLOSED
         self._buffer = None
-        self._fragments = []
+        self._fragments = ()
         self._decoder = None
         self.close_code = code
         self.close_reason = reason
