@@ -29,6 +29,10 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: Header values may not carry control characters other than tab (RFC 9110 §5.5).
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _END_OF_HEAD = b"\r\n\r\n"
+#: Every header line of a head (after the request line): ``token ":" value``,
+#: the value without control characters other than tab (RFC 9110 §5.5).
+_FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
+_FIELD_LINES = re.compile(_FIELD_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
 
 
 class MultiDict:
@@ -38,39 +42,45 @@ class MultiDict:
     (headers) names are compared without case but kept as received.
     """
 
-    __slots__ = ("_case_insensitive", "_items")
+    __slots__ = ("_case_insensitive", "_index", "_items")
 
     def __init__(
         self, items: Iterable[tuple[str, str]] = (), *, case_insensitive: bool = False
     ) -> None:
         self._case_insensitive = case_insensitive
         self._items: list[tuple[str, str]] = list(items)
+        self._index: dict[str, list[str]] | None = None
 
     def _key(self, name: str) -> str:
         return name.lower() if self._case_insensitive else name
 
+    def _lookup(self) -> dict[str, list[str]]:
+        """key -> values, built once on the first lookup (a handshake makes several)."""
+        index = self._index
+        if index is None:
+            index = {}
+            for name, value in self._items:
+                index.setdefault(self._key(name), []).append(value)
+            self._index = index
+        return index
+
     def __getitem__(self, name: str) -> str:
-        key = self._key(name)
-        for item_name, value in self._items:
-            if self._key(item_name) == key:
-                return value
-        raise KeyError(name)
+        values = self._lookup().get(self._key(name))
+        if not values:
+            raise KeyError(name)
+        return values[0]
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        try:
-            return self[name]
-        except KeyError:
-            return default
+        values = self._lookup().get(self._key(name))
+        return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        key = self._key(name)
-        return [value for item_name, value in self._items if self._key(item_name) == key]
+        return list(self._lookup().get(self._key(name), ()))
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        key = self._key(name)
-        return any(self._key(item_name) == key for item_name, _ in self._items)
+        return self._key(name) in self._lookup()
 
     def __iter__(self) -> Iterator[str]:
         seen: set[str] = set()
@@ -89,6 +99,7 @@ class MultiDict:
 
     def add(self, name: str, value: str) -> None:
         self._items.append((name, value))
+        self._index = None
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, MultiDict):
@@ -278,15 +289,21 @@ def parse_request(
     if len(lines) - 1 > max_headers:
         raise WebSocketNegotiationError(431, f"more than {max_headers} header fields")
     fields: list[tuple[str, str]] = []
+    first_line_end = head.find(b"\r\n")
+    # one pass of the regex engine checks every field line at once; the
+    # loop below then only splits (and finds the culprit if the check fails)
+    valid = first_line_end < 0 or _FIELD_LINES.fullmatch(head, first_line_end + 2) is not None
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
+        if not valid and (not colon or not _TOKEN.fullmatch(name)):
             raise WebSocketNegotiationError(400, "malformed header field")
         text = value.decode("latin-1").strip(" \t")
-        if _BAD_VALUE_CHARS.search(text):
+        if not valid and _BAD_VALUE_CHARS.search(text):
             raise WebSocketNegotiationError(400, "control character in a header value")
         fields.append((name.decode("ascii"), text))
-    method = method_bytes.decode("ascii")
+    if not valid:  # pragma: no cover - the loop above names every failure
+        raise WebSocketNegotiationError(400, "malformed header field")
+    method = "GET" if method_bytes == b"GET" else method_bytes.decode("ascii")  # one shared str
     if method != "GET":
         raise WebSocketNegotiationError(
             405, f"method {method} not allowed, use GET", headers=[("Allow", "GET")]
@@ -294,7 +311,6 @@ def parse_request(
     target = target_bytes.decode("ascii")
     if not target.startswith("/"):
         raise WebSocketNegotiationError(400, "the request target must be a path")
-    first_line_end = head.find(b"\r\n")
     raw_headers = head[first_line_end + 2 :] if first_line_end >= 0 else None
     request = Request(method, target, Headers(fields), version="HTTP/1.1", raw_headers=raw_headers)
     return request, end + len(_END_OF_HEAD)
