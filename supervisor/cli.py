@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 
@@ -75,7 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("APP_DIR", "."),
         help="directory put first on sys.path to import the app (default: the current one)",
     )
+    run.add_argument(
+        "--ssl-certfile",
+        default=_env("SSL_CERTFILE"),
+        help="serve wss:// with this PEM certificate chain (ENJENT_SSL_CERTFILE)",
+    )
+    run.add_argument(
+        "--ssl-keyfile",
+        default=_env("SSL_KEYFILE"),
+        help="the certificate's private key, if not in the certfile (ENJENT_SSL_KEYFILE)",
+    )
     return parser
+
+
+def _ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """A server TLS context for native wss://, or ``None`` without a certificate."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 class AppSpecError(ValueError):
@@ -130,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    try:
+        ssl_context = _ssl_context(args.ssl_certfile, args.ssl_keyfile)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        parser.error(f"cannot use the TLS certificate: {exc}")
     sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         server = make_loader(args.app, fresh=False)()
@@ -142,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from enjent import WebSocketServerError
 
         try:
-            server.run(args.host, args.port)  # type: ignore[attr-defined]
+            server.run(args.host, args.port, ssl=ssl_context)  # type: ignore[attr-defined]
         except WebSocketServerError as exc:
             logger.error("%s", exc)
             return 3
@@ -152,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.host,
         args.port,
         workers=args.workers,
+        ssl=ssl_context,
         close_timeout=server.close_timeout,  # type: ignore[attr-defined]
     )
     return arbiter.run()

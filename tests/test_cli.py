@@ -157,3 +157,55 @@ def test_enjent_port_environment_variable_is_honoured() -> None:
         assert len(healthz(port)["workers"]) == 2
         cluster.signal(signal.SIGTERM)
         assert cluster.wait(10) == 0
+
+
+def test_missing_certificate_is_a_usage_error(tmp_path: Path) -> None:
+    done = enjent("run", "tests.cluster_app:server", "--ssl-keyfile", str(tmp_path / "k.pem"))
+    assert done.returncode == 2
+    assert "--ssl-keyfile needs --ssl-certfile" in done.stderr
+    done = enjent("run", "tests.cluster_app:server", "--ssl-certfile", str(tmp_path / "nope.pem"))
+    assert done.returncode == 2
+    assert "cannot use the TLS certificate" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_native_tls_from_the_command_line(tmp_path: Path) -> None:
+    """``--ssl-certfile/--ssl-keyfile``: wss:// served by every worker."""
+    import asyncio
+    import ssl
+    import time
+
+    from websockets.asyncio.client import connect
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    port = free_port()
+    args = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+
+    async def echo_once() -> str:
+        async with connect(f"wss://127.0.0.1:{port}/", ssl=context, open_timeout=2) as ws:
+            await ws.send("over tls")
+            return str(await asyncio.wait_for(ws.recv(), 5))
+
+    with Cluster(workers=2, port=port, args=args) as cluster:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert asyncio.run(echo_once()) == "over tls"
+                break
+            except (OSError, TimeoutError, ssl.SSLError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no wss:// echo:\n{cluster.log()}") from None
+                time.sleep(0.2)
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(10) == 0
