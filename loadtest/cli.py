@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients (handshake: upgrades in flight); default per scenario: "
         + ", ".join(f"{k} {v}" for k, v in DEFAULT_CLIENTS.items()),
     )
+    common.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="append ARG to the server's command line (repeatable), e.g. "
+        "--server-arg=--compression=none",
+    )
+    common.add_argument(
+        "--offer-deflate",
+        action="store_true",
+        help="clients offer permessage-deflate (RFC 7692) in the upgrade; connections "
+        "and handshake only (the clients decompress nothing)",
+    )
     conn = parser.add_argument_group("connections")
     conn.add_argument(
         "--rate",
@@ -230,6 +244,8 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         client_cpus = frozenset(parse_cpus(args.client_cpus)) if args.client_cpus else None
     except ValueError as exc:
         parser.error(f"bad CPU list: {exc}")
+    if args.offer_deflate and args.scenario not in ("connections", "handshake"):
+        parser.error("--offer-deflate works with the connections and handshake scenarios only")
     if not 0 <= args.port < 65536:
         parser.error("--port must be in 0..65535")
     if args.port and (len(servers) > 1 or args.repeat > 1):
@@ -242,6 +258,8 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         port=args.port,
         clients=args.clients or DEFAULT_CLIENTS[args.scenario],
         repeat=args.repeat,
+        offer_deflate=args.offer_deflate,
+        server_args=tuple(args.server_arg),
         rate=args.rate,
         concurrency=args.concurrency,
         hold=args.hold,
@@ -296,6 +314,7 @@ async def run_all(cfg: Config, document: dict[str, Any], progress: Progress) -> 
                 cfg.port or free_port(cfg.host),
                 cfg.workers,
                 cpus=server_cpus,
+                extra_args=cfg.server_args,
             )
             progress.start(f"{name} {repeat + 1}/{cfg.repeat}")
             run: dict[str, Any] = {

@@ -92,6 +92,7 @@ class WsClient(asyncio.Protocol):
         "host",
         "index",
         "key",
+        "outbox",
         "parser",
         "pool",
         "port",
@@ -118,12 +119,16 @@ class WsClient(asyncio.Protocol):
         self.error: str | None = None
         self.waiter: asyncio.Future[bool] | None = None
         self.data: Any = None
+        #: frames sent while a read is handled: written at its end, in one write
+        self.outbox: list[bytes] | None = None
 
     # asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.write(wire.upgrade_request(self.host, self.port, self.key))
+        self.transport.write(
+            wire.upgrade_request(self.host, self.port, self.key, extensions=self.pool.offer)
+        )
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -134,7 +139,11 @@ class WsClient(asyncio.Protocol):
                     if len(self.head) > wire.MAX_RESPONSE_HEAD:
                         raise wire.ProtocolError("upgrade response head too large")
                     return
-                wire.check_upgrade_response(bytes(self.head[:end]), self.key)
+                agreed = wire.check_upgrade_response(bytes(self.head[:end]), self.key)
+                if agreed is not None:
+                    if self.pool.offer is None:
+                        raise wire.ProtocolError(f"extension not offered: {agreed!r}")
+                    self.pool.extensions_agreed += 1
                 rest = bytes(self.head[end + 4 :])
                 self.head = bytearray()
                 self.parser = wire.FrameParser()
@@ -146,14 +155,23 @@ class WsClient(asyncio.Protocol):
                 data = rest
             if self.parser is None:
                 return
-            for opcode, payload in self.parser.feed(data):
-                if opcode <= wire.Opcode.BINARY:
-                    if self.state == OPEN:
-                        self.pool.on_message(self, opcode, payload)
-                elif opcode == wire.Opcode.PING:
-                    self._write_control(wire.Opcode.PONG, payload)
-                elif opcode == wire.Opcode.CLOSE:
-                    self._on_close_frame(payload)
+            # the answers to every message of this read go out in one write,
+            # so the load generator spends one syscall per read, not per message
+            outbox: list[bytes] = []
+            self.outbox = outbox
+            try:
+                for opcode, payload in self.parser.feed(data):
+                    if opcode <= wire.Opcode.BINARY:
+                        if self.state == OPEN:
+                            self.pool.on_message(self, opcode, payload)
+                    elif opcode == wire.Opcode.PING:
+                        self._write_control(wire.Opcode.PONG, payload)
+                    elif opcode == wire.Opcode.CLOSE:
+                        self._on_close_frame(payload)
+            finally:
+                self.outbox = None
+                if outbox and self.transport is not None:
+                    self.transport.write(b"".join(outbox))
         except wire.ProtocolError as exc:
             self.fail(str(exc))
 
@@ -170,7 +188,11 @@ class WsClient(asyncio.Protocol):
     def send_frame(self, frame: bytes) -> None:
         """Write a frame built (and masked) in advance with `wire.encode_frame`."""
         if self.transport is not None and self.state == OPEN:
-            self.transport.write(frame)
+            outbox = self.outbox
+            if outbox is not None:
+                outbox.append(frame)
+            else:
+                self.transport.write(frame)
 
     def close(self, code: int = wire.CloseCode.NORMAL_CLOSURE) -> None:
         """Start the closing handshake (RFC 6455 §7.1.2); the server closes TCP."""
@@ -203,7 +225,11 @@ class WsClient(asyncio.Protocol):
 
     def _write_control(self, opcode: int, payload: bytes) -> None:
         if self.transport is not None:
-            self.transport.write(wire.encode_frame(opcode, payload, mask=os.urandom(4)))
+            frame = wire.encode_frame(opcode, payload, mask=os.urandom(4))
+            if self.outbox is not None:
+                self.outbox.append(frame)  # after the answers already queued
+            else:
+                self.transport.write(frame)
 
     def _on_close_frame(self, payload: bytes) -> None:
         code, _ = wire.parse_close_payload(payload)
@@ -221,6 +247,10 @@ class ClientPool:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
+        #: Sec-WebSocket-Extensions to offer (`--offer-deflate`); None: no extension.
+        self.offer: str | None = None
+        #: Upgrades whose response agreed to an extension.
+        self.extensions_agreed = 0
         self.clients: list[WsClient] = []
         self.open_count = 0
         self.opened_total = 0

@@ -25,6 +25,10 @@ class Config:
     port: int = 0
     clients: int = 0
     repeat: int = 1
+    #: Clients offer permessage-deflate (connections and handshake scenarios only).
+    offer_deflate: bool = False
+    #: Extra arguments appended to the server's command line (`--server-arg`).
+    server_args: tuple[str, ...] = ()
     # connections
     rate: float = 2000.0
     concurrency: int = 100

@@ -110,12 +110,20 @@ def connection_checks(result: RunResult, pool: ClientPool, expected: int) -> Non
 
 
 def connection_metrics(pool: ClientPool, seconds: float) -> dict[str, float]:
-    return {
+    metrics = {
         "clients_connected": pool.opened_total,
         "clients_failed": pool.failed,
         "connect_rate_per_s": pool.opened_total / seconds if seconds > 0 else math.nan,
         **latency_summary(pool.handshake_times, "upgrade"),
     }
+    if pool.offer is not None:  # --offer-deflate: how many servers' answers agreed
+        metrics["clients_with_extension"] = pool.extensions_agreed
+    return metrics
+
+
+def offer_extensions(pool: ClientPool, cfg: Config) -> None:
+    if cfg.offer_deflate:
+        pool.offer = wire.DEFLATE_OFFER
 
 
 async def sleep_watching(seconds: float, server: ServerProcess, step: float = 0.2) -> bool:
@@ -137,6 +145,7 @@ async def run_connections(
     """Ramp to N idle clients at a set rate, hold, then measure memory and CPU."""
     result = RunResult(server.kind.name)
     pool = ClientPool(cfg.host, cfg.port or server.port)
+    offer_extensions(pool, cfg)
     await asyncio.sleep(0.5)
     base = sampler.memory()
     series: list[list[float]] = [[0, base.uss, base.rss]]
@@ -472,6 +481,7 @@ async def run_handshake(
     """Connect, upgrade, close, again: connections per second with K in flight."""
     result = RunResult(server.kind.name)
     pool = HandshakePool(cfg.host, cfg.port or server.port)
+    offer_extensions(pool, cfg)
     sources = source_addresses(cfg.host, cfg.count, cfg.source_addresses)
     total = cfg.count
     end = time.monotonic() + min(cfg.duration if cfg.duration > 0 else math.inf, cfg.timeout)
@@ -538,6 +548,8 @@ async def run_handshake(
         "server_cpu_percent": stats["server_cpu_percent"],
         "loadgen_cpu_percent": stats["loadgen_cpu_percent"],
     }
+    if pool.offer is not None:
+        result.metrics["handshakes_with_extension"] = pool.extensions_agreed
     result.details = {"window": stats, "errors": dict(pool.errors), "clean_closes": pool.clean}
     result.series = {"upgrade": quantiles(pool.handshake_times), "cycle": quantiles(pool.cycles)}
     return result

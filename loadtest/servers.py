@@ -124,13 +124,14 @@ class ServerProcess:
         workers: int,
         *,
         cpus: set[int] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.kind = kind
         self.host = host
         self.port = port
         self.workers = workers if kind.multiprocess else 1
         self.cpus = cpus
-        self.command = kind.command(host, port, self.workers)
+        self.command = kind.command(host, port, self.workers) + list(extra_args)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close_log()
         self.popen: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None

@@ -56,9 +56,17 @@ def accept_for(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + ACCEPT_GUID).digest())
 
 
-def upgrade_request(host: str, port: int, key: bytes, path: str = "/") -> bytes:
-    """The HTTP/1.1 GET that asks for an upgrade to WebSocket (RFC 6455 §4.1)."""
+#: The permessage-deflate offer of `--offer-deflate` (RFC 7692), as browsers send it.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+
+def upgrade_request(
+    host: str, port: int, key: bytes, path: str = "/", extensions: str | None = None
+) -> bytes:
+    """The HTTP/1.1 GET that asks for an upgrade to WebSocket (RFC 6455 §4.1), with a
+    Sec-WebSocket-Extensions offer when `extensions` is given."""
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
     return (
         f"GET {path} HTTP/1.1\r\n"
         f"Host: {authority}\r\n"
@@ -66,15 +74,17 @@ def upgrade_request(host: str, port: int, key: bytes, path: str = "/") -> bytes:
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key.decode('ascii')}\r\n"
         "Sec-WebSocket-Version: 13\r\n"
+        f"{offer}"
         "\r\n"
     ).encode("ascii")
 
 
-def check_upgrade_response(head: bytes, key: bytes) -> None:
+def check_upgrade_response(head: bytes, key: bytes) -> str | None:
     """Raise ProtocolError unless `head` (status line and headers, no body) accepts `key`.
 
     RFC 6455 §4.1: status 101, `Upgrade: websocket`, `Connection` containing `upgrade`,
-    and a matching Sec-WebSocket-Accept.
+    and a matching Sec-WebSocket-Accept. Returns the Sec-WebSocket-Extensions the server
+    agreed to, or None.
     """
     lines = head.decode("latin-1").split("\r\n")
     status = lines[0].split(" ", 2)
@@ -96,6 +106,7 @@ def check_upgrade_response(head: bytes, key: bytes) -> None:
         raise ProtocolError("missing Connection: Upgrade")
     if headers.get("sec-websocket-accept", "").encode("ascii", "replace") != accept_for(key):
         raise ProtocolError("wrong Sec-WebSocket-Accept")
+    return headers.get("sec-websocket-extensions")
 
 
 def mask_payload(payload: bytes, mask: bytes) -> bytes:

@@ -27,6 +27,12 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--workers", type=int, default=1, help="ignored: peers run 1 process")
     parser.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop")
+    parser.add_argument(
+        "--compression",
+        choices=["none", "deflate"],
+        default="none",
+        help="permessage-deflate with the library's defaults (websockets peer only; default none)",
+    )
     args = parser.parse_args()
     address = ipaddress.ip_address(args.host)
     if not (address.is_loopback):

@@ -1,7 +1,8 @@
 """The echo-and-broadcast app on the `websockets` library (its asyncio implementation).
 
 Layer 5 of DESIGN.md: a peer to compare Enjent with. Same contract as examples/echo.py;
-permessage-deflate and keepalive pings are off, as loadtest's clients use neither.
+permessage-deflate (unless `--compression deflate`) and keepalive pings are off, as
+loadtest's clients use neither (unless `--offer-deflate`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ async def handler(connection: ServerConnection) -> None:
         CLIENTS.discard(connection)
 
 
-async def serve_until_signal(host: str, port: int) -> None:
+async def serve_until_signal(host: str, port: int, compression: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
 
@@ -42,7 +43,7 @@ async def serve_until_signal(host: str, port: int) -> None:
         handler,
         host,
         port,
-        compression=None,
+        compression=compression,
         ping_interval=None,
         max_size=MAX_MESSAGE,
         backlog=BACKLOG,
@@ -52,15 +53,16 @@ async def serve_until_signal(host: str, port: int) -> None:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
+    compression = "deflate" if args.compression == "deflate" else None
     if not args.no_uvloop:
         try:
             import uvloop
         except ImportError:
             pass
         else:
-            uvloop.run(serve_until_signal(args.host, args.port))
+            uvloop.run(serve_until_signal(args.host, args.port, compression))
             return
-    asyncio.run(serve_until_signal(args.host, args.port))
+    asyncio.run(serve_until_signal(args.host, args.port, compression))
 
 
 if __name__ == "__main__":

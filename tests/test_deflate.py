@@ -1,0 +1,992 @@
+"""permessage-deflate (RFC 7692): negotiation, the codec, and the server around it.
+
+Negotiation and ``PerMessageDeflate`` are tested without sockets; the rest
+through a real server on 127.0.0.1, driven by the ``websockets`` client (which
+offers permessage-deflate by default) and, to look at RSV1 per frame or send
+what no polite client sends (decompression bombs), by a raw client that
+negotiates the extension itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+import enjent.deflate
+from enjent import CloseCode, WebSocketClient, WebSocketServer
+from enjent.deflate import DeflateOptions, Negotiated, PerMessageDeflate, negotiate
+from enjent.exceptions import ProtocolError
+
+HOST = "127.0.0.1"
+TEST_TIMEOUT = 20.0
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+TAIL = b"\x00\x00\xff\xff"
+MiB = 1 << 20
+
+# ------------------------------------------------------------------ helpers
+
+
+def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an ``async def`` test on a fresh event loop, bounded in time."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        with asyncio.Runner() as runner:
+            runner.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
+
+    return wrapper
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def echo_server(**options: Any) -> WebSocketServer:
+    options.setdefault("ping_interval", None)
+    server = WebSocketServer(**options)
+
+    @server.on_message
+    def echo(client: WebSocketClient, message: str | bytes) -> None:
+        client.send(message)
+
+    return server
+
+
+def ws_connect(server: WebSocketServer, **kwargs: Any) -> connect:
+    """A ``websockets`` client with its default compression (permessage-deflate)."""
+    options: dict[str, Any] = {
+        "open_timeout": 3,
+        "close_timeout": 2,
+        "ping_interval": None,
+        "proxy": None,
+        "max_size": 64 * MiB,
+    }
+    options.update(kwargs)
+    return connect(f"ws://{HOST}:{server.port}/", **options)
+
+
+def negotiated_header(ws: ClientConnection) -> str | None:
+    assert ws.response is not None
+    return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+
+async def recv(ws: ClientConnection, timeout: float = 5.0) -> str | bytes:
+    return await asyncio.wait_for(ws.recv(), timeout)
+
+
+def deflate_raw(data: bytes, bits: int = 15, level: int = 6) -> bytes:
+    """What a client sends: raw deflate, sync-flushed, tail removed (RFC 7692 §7.2.1)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -bits)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(TAIL)
+    return out[:-4]
+
+
+def inflate_raw(data: bytes) -> bytes:
+    inflater = zlib.decompressobj(-15)
+    return inflater.decompress(data + TAIL)
+
+
+@functools.cache
+def bomb(total: int, chunk: int = 4 * MiB) -> bytes:
+    """``total`` zero bytes deflated (level 9), quickly: after a sync flush the output
+    is byte-aligned, and a block of zeros that refers back to earlier zeros decodes
+    the same wherever it is repeated."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    zeros = bytes(chunk)
+    first = compressor.compress(zeros) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    again = compressor.compress(zeros) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    out = first + again * (total // chunk - 1)
+    assert out.endswith(TAIL)
+    return out[:-4]
+
+
+def test_bomb_helper() -> None:
+    inflater = zlib.decompressobj(-15)
+    assert inflater.decompress(bomb(64 * MiB) + TAIL) == bytes(64 * MiB)
+
+
+class RawClient:
+    """A client on raw streams that negotiates permessage-deflate itself."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: str
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.head = head
+        self.headers: dict[str, str] = {}
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    @classmethod
+    async def connect(
+        cls, port: int, offer: str | None = "permessage-deflate; client_max_window_bits"
+    ) -> RawClient:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        lines = [
+            "GET / HTTP/1.1",
+            f"Host: {HOST}:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {KEY}",
+            "Sec-WebSocket-Version: 13",
+        ]
+        if offer is not None:
+            lines.append(f"Sec-WebSocket-Extensions: {offer}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        return cls(reader, writer, head.decode("latin-1").rstrip("\r\n"))
+
+    @property
+    def extensions(self) -> str | None:
+        return self.headers.get("sec-websocket-extensions")
+
+    def send(self, opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> None:
+        first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+        length = len(payload)
+        if length < 126:
+            header = bytes((first, 0x80 | length))
+        elif length < 1 << 16:
+            header = bytes((first, 0x80 | 126)) + length.to_bytes(2, "big")
+        else:
+            header = bytes((first, 0x80 | 127)) + length.to_bytes(8, "big")
+        mask = os.urandom(4)
+        key = (mask * (length // 4 + 1))[:length]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(
+            length, "big"
+        )
+        self.writer.write(header + mask + masked)
+
+    async def recv_frame(self, timeout: float = 5.0) -> tuple[bool, bool, int, bytes]:
+        """``(fin, rsv1, opcode, payload)`` of the next server frame."""
+        head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
+        assert not head[1] & 0x80, "server frames are never masked"
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await self.reader.readexactly(8), "big")
+        payload = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        return bool(head[0] & 0x80), bool(head[0] & 0x40), head[0] & 0x0F, payload
+
+    async def close_code(self, timeout: float = 5.0) -> int:
+        """Read frames until the server's Close; its status code."""
+        while True:
+            _, _, opcode, payload = await self.recv_frame(timeout)
+            if opcode == 8:
+                return int.from_bytes(payload[:2], "big")
+
+    async def send_until_closed(
+        self, frames: list[tuple[int, bytes, bool, bool]], pause: float = 0.005
+    ) -> int:
+        """Send ``(opcode, payload, fin, rsv1)`` frames one by one, pausing after
+        each, until the server's Close comes; its status code.
+
+        Pacing matters: a server that closes TCP with unread bytes in its
+        receive buffer sends a RST, which can beat its Close frame here.
+        """
+        closed = asyncio.ensure_future(self.close_code())
+        try:
+            for opcode, payload, fin, rsv1 in frames:
+                if closed.done():
+                    break
+                self.send(opcode, payload, fin=fin, rsv1=rsv1)
+                await self.writer.drain()
+                await asyncio.wait([closed], timeout=pause)
+            return await closed
+        finally:
+            closed.cancel()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def fragments(wire: bytes, size: int, opcode: int = 2) -> list[tuple[int, bytes, bool, bool]]:
+    """A compressed message as frames of ``size`` bytes: RSV1 on the first only."""
+    pieces = [wire[i : i + size] for i in range(0, len(wire), size)]
+    return [
+        (opcode if index == 0 else 0, piece, index == len(pieces) - 1, index == 0)
+        for index, piece in enumerate(pieces)
+    ]
+
+
+def test_raw_client_masks_correctly() -> None:
+    """The test helper's own masking, checked against enjent's unmasking."""
+    from enjent.protocol import ServerProtocol
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+    for size in (0, 1, 3, 4, 5, 125, 126, 1000, 70000):
+        sink = Sink()
+        client = RawClient(None, sink, "HTTP/1.1 101 x")  # type: ignore[arg-type]
+        payload = os.urandom(size)
+        client.send(2, payload)
+        assert ServerProtocol().receive_data(sink.data) == [payload]
+
+
+# ------------------------------------------------------------ negotiation
+
+DEFAULT = DeflateOptions()
+
+
+def offer(*values: str, options: DeflateOptions = DEFAULT) -> Negotiated | None:
+    return negotiate(list(values), options)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "permessage-deflate; foo",
+        "permessage-deflate; foo=1",
+        "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+        "permessage-deflate; client_no_context_takeover; Client_No_Context_Takeover",
+        "permessage-deflate; server_max_window_bits=10; server_max_window_bits=10",
+        "permessage-deflate; client_max_window_bits; client_max_window_bits=10",
+        "permessage-deflate; server_max_window_bits=7",
+        "permessage-deflate; server_max_window_bits=16",
+        "permessage-deflate; server_max_window_bits=abc",
+        "permessage-deflate; server_max_window_bits=09",
+        "permessage-deflate; server_max_window_bits=",
+        "permessage-deflate; server_max_window_bits",
+        "permessage-deflate; server_max_window_bits=-9",
+        "permessage-deflate; server_max_window_bits=1\u00b2",
+        "permessage-deflate; client_max_window_bits=7",
+        "permessage-deflate; client_max_window_bits=16",
+        "permessage-deflate; client_max_window_bits=abc",
+        "permessage-deflate; client_max_window_bits=09",
+        "permessage-deflate; client_max_window_bits=",
+        "permessage-deflate; server_no_context_takeover=1",
+        "permessage-deflate; client_no_context_takeover=true",
+        "permessage-deflate; server_no_context_takeover=",
+        "x-webkit-deflate-frame",
+        "deflate-frame; no_context_takeover",
+        "",
+    ],
+)
+def test_refused_offers(value: str) -> None:
+    assert offer(value) is None
+
+
+def test_default_options_answer_stateless_both_ways() -> None:
+    result = offer("permessage-deflate")
+    assert result is not None
+    assert result.response() == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    )
+    assert result.compress_bits == 15
+    assert result.server_max_window_bits is None and result.client_max_window_bits is None
+
+
+def test_first_invalid_offer_is_skipped_for_the_next_valid_one() -> None:
+    result = offer(
+        "permessage-deflate; server_max_window_bits=16, "
+        "permessage-deflate; server_max_window_bits=10"
+    )
+    assert result is not None and result.server_max_window_bits == 10
+    # the same across two header lines, and after another extension
+    result = offer(
+        "x-foo, permessage-deflate; bogus", "permessage-deflate; server_max_window_bits=11"
+    )
+    assert result is not None and result.server_max_window_bits == 11
+    assert result.compress_bits == 11
+
+
+def test_first_valid_offer_wins() -> None:
+    result = offer("permessage-deflate; server_max_window_bits=10, permessage-deflate")
+    assert result is not None and result.server_max_window_bits == 10
+
+
+def test_names_and_quoted_values() -> None:
+    result = offer('PerMessage-Deflate ; Server_Max_Window_Bits="12" ;client_max_window_bits')
+    assert result is not None
+    assert result.server_max_window_bits == 12
+    assert result.compress_bits == 12
+
+
+def test_client_max_window_bits_without_value() -> None:
+    # the client can limit its window; we do not ask it to
+    result = offer("permessage-deflate; client_max_window_bits")
+    assert result is not None and result.client_max_window_bits is None
+    assert "client_max_window_bits" not in result.response()
+    # we ask for 10 bits: only possible because the client said it supports it
+    options = DeflateOptions(client_max_window_bits=10)
+    result = offer("permessage-deflate; client_max_window_bits", options=options)
+    assert result is not None and result.client_max_window_bits == 10
+    assert result.response().endswith("; client_max_window_bits=10")
+
+
+def test_client_max_window_bits_with_value() -> None:
+    result = offer("permessage-deflate; client_max_window_bits=12")
+    assert result is not None and result.client_max_window_bits == 12
+    assert "client_max_window_bits=12" in result.response()
+    smaller = DeflateOptions(client_max_window_bits=10)
+    result = offer("permessage-deflate; client_max_window_bits=12", options=smaller)
+    assert result is not None and result.client_max_window_bits == 10
+    larger = DeflateOptions(client_max_window_bits=14)
+    result = offer("permessage-deflate; client_max_window_bits=12", options=larger)
+    assert result is not None and result.client_max_window_bits == 12
+
+
+def test_client_max_window_bits_never_sent_unless_offered() -> None:
+    # RFC 7692 §7.1.2.2: not in the response when the offer did not have it
+    result = offer("permessage-deflate", options=DeflateOptions(client_max_window_bits=9))
+    assert result is not None and result.client_max_window_bits is None
+    assert "client_max_window_bits" not in result.response()
+
+
+def test_server_max_window_bits() -> None:
+    result = offer("permessage-deflate; server_max_window_bits=9")
+    assert result is not None and result.server_max_window_bits == 9 and result.compress_bits == 9
+    # ours smaller than the client's limit: ours
+    options = DeflateOptions(server_max_window_bits=10)
+    result = offer("permessage-deflate; server_max_window_bits=12", options=options)
+    assert result is not None and result.server_max_window_bits == 10
+    assert result.compress_bits == 10
+    # ours smaller and not asked for: said anyway, so the client may use a smaller window
+    result = offer("permessage-deflate", options=options)
+    assert result is not None and result.server_max_window_bits == 10
+    assert "server_max_window_bits=10" in result.response()
+
+
+def test_server_max_window_bits_8_is_accepted_but_never_compressed() -> None:
+    result = offer("permessage-deflate; server_max_window_bits=8")
+    assert result is not None
+    assert result.server_max_window_bits == 8
+    assert "server_max_window_bits=8" in result.response()
+    assert result.compress_bits == 0
+    extension = PerMessageDeflate(result, DEFAULT, max_message_size=MiB)
+    assert not extension.should_compress(10 * MiB)
+
+
+def test_context_takeover_options() -> None:
+    keep = DeflateOptions(server_no_context_takeover=False, client_no_context_takeover=False)
+    result = offer("permessage-deflate; client_max_window_bits", options=keep)
+    assert result is not None and result.response() == "permessage-deflate"
+    # the client may still ask for either
+    result = offer(
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover", options=keep
+    )
+    assert result is not None
+    assert result.server_no_context_takeover and result.client_no_context_takeover
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"server_max_window_bits": 8},
+        {"server_max_window_bits": 16},
+        {"client_max_window_bits": 7},
+        {"client_max_window_bits": 16},
+        {"memory_level": 0},
+        {"memory_level": 10},
+        {"level": -1},
+        {"level": 10},
+        {"min_size": -1},
+    ],
+)
+def test_bad_options(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        DeflateOptions(**kwargs)
+
+
+# ----------------------------------------------------- codec, no sockets
+
+
+def extension_for(
+    value: str = "permessage-deflate", options: DeflateOptions = DEFAULT, limit: int = MiB
+) -> PerMessageDeflate:
+    negotiated = negotiate([value], options)
+    assert negotiated is not None
+    return PerMessageDeflate(negotiated, options, max_message_size=limit)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=st.lists(st.binary(max_size=5000), min_size=1, max_size=5))
+def test_stateless_encode_round_trips_through_a_fresh_raw_inflater(
+    messages: list[bytes],
+) -> None:
+    extension = extension_for()
+    for data in messages:
+        assert inflate_raw(extension.encode(data)) == data
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    messages=st.lists(st.binary(max_size=3000), min_size=1, max_size=6),
+    bits=st.integers(9, 15),
+)
+def test_context_takeover_encode_round_trips_through_one_inflater(
+    messages: list[bytes], bits: int
+) -> None:
+    options = DeflateOptions(server_no_context_takeover=False, server_max_window_bits=bits)
+    extension = extension_for(options=options)
+    assert not extension.stateless and extension.negotiated.compress_bits == bits
+    inflater = zlib.decompressobj(-bits)  # the window we told the client about
+    for data in messages:
+        assert inflater.decompress(extension.encode(data) + TAIL) == data
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=20000), cuts=st.lists(st.integers(0, 20000), max_size=5))
+def test_decode_any_fragmentation(data: bytes, cuts: list[int]) -> None:
+    extension = extension_for()
+    wire = deflate_raw(data)
+    points = sorted({min(cut, len(wire)) for cut in cuts} | {0, len(wire)})
+    pieces = [wire[a:b] for a, b in itertools.pairwise(points)] or [b""]
+    out = [
+        extension.decode(piece, fin=index == len(pieces) - 1, compressed=True)
+        for index, piece in enumerate(pieces)
+    ]
+    assert b"".join(out) == data
+
+
+def test_decode_with_client_context_takeover() -> None:
+    options = DeflateOptions(client_no_context_takeover=False)
+    extension = extension_for(options=options)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    for index in range(20):
+        data = b"repeated text, repeated text %d " % index * 20
+        wire = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        assert extension.decode(wire[:-4], fin=True, compressed=True) == data
+    assert extension._inflater is not None  # kept between messages
+
+
+def test_decode_stateless_keeps_no_inflater() -> None:
+    extension = extension_for()
+    assert extension.decode(deflate_raw(b"x" * 500), fin=True, compressed=True) == b"x" * 500
+    assert extension._inflater is None
+
+
+def test_decode_limit_exact_and_one_over() -> None:
+    limit = 10_000
+    extension = extension_for(limit=limit)
+    assert len(extension.decode(deflate_raw(bytes(limit)), fin=True, compressed=True)) == limit
+    assert not extension.max_message_size_exceeded()
+    with pytest.raises(ProtocolError) as info:
+        extension.decode(deflate_raw(bytes(limit + 1)), fin=True, compressed=True)
+    assert info.value.close_code == CloseCode.MESSAGE_TOO_BIG
+    assert extension.max_message_size_exceeded()
+
+
+def test_decode_limit_across_fragments() -> None:
+    extension = extension_for(limit=10_000)
+    wire = deflate_raw(bytes(30_000))
+    produced = 0
+    with pytest.raises(ProtocolError):
+        for start in range(0, len(wire), 4):
+            produced += len(extension.decode(wire[start : start + 4], fin=False, compressed=True))
+    assert produced <= 10_000
+
+
+def test_decode_bomb_stops_at_the_limit() -> None:
+    extension = extension_for(limit=MiB)
+    wire = bomb(256 * MiB)
+    with pytest.raises(ProtocolError):
+        extension.decode(wire, fin=True, compressed=True)
+
+
+def test_min_size() -> None:
+    extension = extension_for(options=DeflateOptions(min_size=100))
+    assert not extension.should_compress(99)
+    assert extension.should_compress(100)
+    assert extension_for(options=DeflateOptions(min_size=0)).should_compress(0)
+    assert inflate_raw(extension.encode(b"")) == b""
+
+
+def test_shared_compressor_per_setting() -> None:
+    a = extension_for("permessage-deflate; server_max_window_bits=10")
+    b = extension_for("permessage-deflate; server_max_window_bits=10")
+    c = extension_for("permessage-deflate")
+    assert a.compress_key() == b.compress_key() != c.compress_key()
+    data = b"the same bytes for every connection of a setting " * 50
+    assert a.encode(data) == b.encode(data)
+    assert inflate_raw(c.encode(data)) == data
+
+
+# -------------------------------------------------- through a real server
+
+
+@async_test
+async def test_compression_none_sends_no_extension_header() -> None:
+    server = echo_server(compression=None)
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        assert raw.extensions is None
+        raw.close()
+        async with ws_connect(server) as ws:
+            assert negotiated_header(ws) is None
+            text = "abc " * 1000
+            await ws.send(text)
+            assert await recv(ws) == text
+
+
+@async_test
+async def test_offer_refused_over_the_wire_then_accepted() -> None:
+    server = echo_server()
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port, "permessage-deflate; server_max_window_bits=16")
+        assert raw.extensions is None
+        raw.close()
+        raw = await RawClient.connect(
+            server.port,
+            "permessage-deflate; server_max_window_bits=16, permessage-deflate; "
+            "server_max_window_bits=10",
+        )
+        assert raw.extensions == (
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
+            "server_max_window_bits=10"
+        )
+        raw.close()
+
+
+@async_test
+async def test_websockets_client_round_trips_large_messages() -> None:
+    server = echo_server(max_message_size=8 * MiB)
+    async with server.serve(HOST, 0), ws_connect(server) as ws:
+        header = negotiated_header(ws)
+        assert header is not None and header.startswith("permessage-deflate")
+        assert ws.protocol.extensions  # the client took it
+        text = "a fairly compressible line of text, again and again\n" * 40_000  # 2 MB
+        await ws.send(text)
+        assert await recv(ws) == text
+        binary = bytes(range(256)) * 12_000  # 3 MB
+        await ws.send(binary)
+        assert await recv(ws) == binary
+        noise = os.urandom(300_000)  # incompressible
+        await ws.send(noise)
+        assert await recv(ws) == noise
+        small = "hi"
+        await ws.send(small)
+        assert await recv(ws) == small
+
+
+@async_test
+async def test_websockets_client_fragmented_compressed_messages() -> None:
+    server = echo_server()
+    async with server.serve(HOST, 0), ws_connect(server) as ws:
+        assert ws.protocol.extensions
+        parts = [f"fragment number {i}, " * 50 for i in range(20)]
+        await ws.send(parts)
+        assert await recv(ws) == "".join(parts)
+        blobs = [bytes([i]) * 10_000 for i in range(10)]
+        await ws.send(blobs)
+        assert await recv(ws) == b"".join(blobs)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DeflateOptions(server_no_context_takeover=False, client_no_context_takeover=False),
+        DeflateOptions(server_no_context_takeover=False),
+        DeflateOptions(client_no_context_takeover=False),
+        DeflateOptions(server_max_window_bits=9, level=1, memory_level=1, min_size=0),
+    ],
+)
+@async_test
+async def test_websockets_client_many_messages(options: DeflateOptions) -> None:
+    server = echo_server(compression=options)
+    async with server.serve(HOST, 0), ws_connect(server) as ws:
+        assert ws.protocol.extensions
+        for index in range(300):
+            message: str | bytes = f"message {index} " * (index % 40 + 1)
+            if index % 3 == 0:
+                message = message.encode()
+            if index % 7 == 0:
+                await ws.send([message[:5], message[5:]])
+            else:
+                await ws.send(message)
+            assert await recv(ws) == message
+
+
+@async_test
+async def test_raw_client_sees_rsv1_only_on_big_messages() -> None:
+    server = echo_server(compression=DeflateOptions(min_size=128))
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        assert raw.extensions is not None and raw.extensions.startswith("permessage-deflate")
+        for size in (0, 10, 127):
+            raw.send(2, bytes(size))
+            fin, rsv1, opcode, payload = await raw.recv_frame()
+            assert (fin, rsv1, opcode, payload) == (True, False, 2, bytes(size))
+        for size in (128, 5000):
+            raw.send(2, bytes(size))
+            fin, rsv1, opcode, payload = await raw.recv_frame()
+            assert (fin, rsv1, opcode) == (True, True, 2)
+            assert len(payload) < size
+            assert inflate_raw(payload) == bytes(size)
+        # a compressed text message we send, fragmented: RSV1 on the first frame only
+        text = ("déjà vu " * 100).encode()
+        wire = deflate_raw(text)
+        raw.send(1, wire[:10], fin=False, rsv1=True)
+        raw.send(0, wire[10:20], fin=False)
+        raw.send(0, wire[20:])
+        fin, rsv1, opcode, payload = await raw.recv_frame()
+        assert (fin, rsv1, opcode) == (True, True, 1)
+        assert inflate_raw(payload) == text
+        raw.close()
+
+
+@async_test
+async def test_rsv1_on_continuation_frame_fails_1002() -> None:
+    server = echo_server()
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        wire = deflate_raw(b"x" * 1000)
+        raw.send(2, wire[:5], fin=False, rsv1=True)
+        raw.send(0, wire[5:], rsv1=True)
+        assert await raw.close_code() == CloseCode.PROTOCOL_ERROR
+        raw.close()
+
+
+@async_test
+async def test_rsv1_without_negotiation_fails_1002() -> None:
+    server = echo_server()
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port, offer=None)
+        assert raw.extensions is None
+        raw.send(2, deflate_raw(b"x" * 1000), rsv1=True)
+        assert await raw.close_code() == CloseCode.PROTOCOL_ERROR
+        raw.close()
+
+
+@async_test
+async def test_corrupt_compressed_data_fails_1007() -> None:
+    server = echo_server()
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        raw.send(2, b"\xff\xff\xff\xff garbage", rsv1=True)
+        assert await raw.close_code() == CloseCode.INVALID_PAYLOAD_DATA
+        raw.close()
+
+
+@async_test
+async def test_compressed_invalid_utf8_fails_1007() -> None:
+    server = echo_server()
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        raw.send(1, deflate_raw(b"ok \xff\xfe not utf-8" * 20), rsv1=True)
+        assert await raw.close_code() == CloseCode.INVALID_PAYLOAD_DATA
+        raw.close()
+
+
+@pytest.mark.parametrize("fragment", [0, 64 * 1024, 1000])
+@async_test
+async def test_bomb_closes_1009_and_the_server_keeps_serving(fragment: int) -> None:
+    server = echo_server(max_message_size=MiB)
+    wire = bomb(256 * MiB)
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        frames = fragments(wire, fragment or len(wire))
+        assert await raw.send_until_closed(frames) == CloseCode.MESSAGE_TOO_BIG
+        raw.close()
+        async with ws_connect(server) as ws:
+            await ws.send("still here " * 100)
+            assert await recv(ws) == "still here " * 100
+
+
+@async_test
+async def test_many_small_fragments_inflating_past_the_limit_close_1009() -> None:
+    """Each fragment is tiny and inflates to little; together they pass the limit."""
+    server = echo_server(max_message_size=MiB)
+    wire = deflate_raw(bytes(3 * MiB), level=9)
+    frames = fragments(wire, 16)
+    assert len(frames) > 20
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        assert await raw.send_until_closed(frames, pause=0.001) == CloseCode.MESSAGE_TOO_BIG
+        raw.close()
+
+
+@async_test
+async def test_message_at_the_limit_once_inflated_passes() -> None:
+    server = echo_server(max_message_size=100_000)
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        raw.send(2, deflate_raw(bytes(100_000)), rsv1=True)
+        _, rsv1, _, payload = await raw.recv_frame()
+        assert rsv1 and inflate_raw(payload) == bytes(100_000)
+        raw.send(2, deflate_raw(bytes(100_001)), rsv1=True)
+        assert await raw.close_code() == CloseCode.MESSAGE_TOO_BIG
+        raw.close()
+
+
+BOMB_SERVER = textwrap.dedent(
+    """
+    import asyncio, resource, sys
+    from enjent import WebSocketServer
+
+    server = WebSocketServer(max_message_size=1 << 20, ping_interval=None)
+
+    @server.on_message
+    def answer(client, message):
+        if message == "maxrss":  # peak RSS of this process, KiB (Linux)
+            client.send(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+    async def main():
+        async with server.serve("127.0.0.1", 0):
+            print(server.port, flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture
+def bomb_server() -> Iterator[tuple[int, psutil.Process]]:
+    """An enjent server (max_message_size 1 MiB) in its own process: its port and process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BOMB_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield port, psutil.Process(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.mark.parametrize("fragment", [0, 100_000])
+def test_gigabyte_bomb_memory_stays_bounded(
+    bomb_server: tuple[int, psutil.Process], fragment: int
+) -> None:
+    """A ~1 MB frame inflating to 1 GiB: close 1009, and the server's peak RSS grows
+    by less than 50 MB (its limit is 1 MiB)."""
+    port, process = bomb_server
+    wire = bomb(1 << 30)
+    assert len(wire) < MiB  # under the limit on the wire: the inflater must stop it
+
+    async def scenario() -> tuple[int, int, int, int]:
+        async def maxrss() -> int:
+            async with connect(f"ws://{HOST}:{port}/", proxy=None, ping_interval=None) as ws:
+                await ws.send("maxrss")
+                return int(await recv(ws)) * 1024
+
+        before_peak = await maxrss()
+        before_rss = process.memory_info().rss
+        raw = await RawClient.connect(port)
+        code = await raw.send_until_closed(fragments(wire, fragment or len(wire)), pause=0.05)
+        raw.close()
+        return code, before_peak, before_rss, await maxrss()
+
+    with asyncio.Runner() as runner:
+        code, before_peak, before_rss, after_peak = runner.run(
+            asyncio.wait_for(scenario(), TEST_TIMEOUT)
+        )
+    assert code == CloseCode.MESSAGE_TOO_BIG
+    assert after_peak - before_peak < 50 * MiB, (before_peak, after_peak)
+    assert process.memory_info().rss - before_rss < 50 * MiB
+
+
+# ------------------------------------------------------------- broadcast
+
+
+class CallCounter:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.shared = 0
+        self.encode = 0
+        shared = enjent.deflate.SHARED_COMPRESSORS
+        original_compress = shared.compress
+        original_encode = PerMessageDeflate.encode
+
+        def compress(*args: Any, **kwargs: Any) -> bytes:
+            self.shared += 1
+            return original_compress(*args, **kwargs)
+
+        def encode(extension: PerMessageDeflate, data: bytes) -> bytes:
+            self.encode += 1
+            return original_encode(extension, data)
+
+        monkeypatch.setattr(shared, "compress", compress)
+        monkeypatch.setattr(PerMessageDeflate, "encode", encode)
+
+    def reset(self) -> None:
+        self.shared = self.encode = 0
+
+
+@async_test
+async def test_broadcast_is_compressed_once_for_one_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = echo_server()
+    counter = CallCounter(monkeypatch)
+    async with server.serve(HOST, 0):
+        clients = [await ws_connect(server).__aenter__() for _ in range(6)]
+        plain = [await ws_connect(server, compression=None).__aenter__() for _ in range(2)]
+        raw_deflate = await RawClient.connect(server.port)
+        raw_plain = await RawClient.connect(server.port, offer=None)
+        try:
+            assert all(ws.protocol.extensions for ws in clients)
+            assert not any(ws.protocol.extensions for ws in plain)
+            await eventually(lambda: server.client_count == 10)
+            text = "a broadcast that compresses well " * 200
+            counter.reset()
+            assert server.broadcast(text) == 10
+            assert counter.shared == 1 and counter.encode == 1  # then cached
+            for ws in clients + plain:
+                assert await recv(ws) == text
+            _, rsv1, opcode, payload = await raw_deflate.recv_frame()
+            assert rsv1 and opcode == 1 and inflate_raw(payload).decode() == text
+            _, rsv1, opcode, payload = await raw_plain.recv_frame()
+            assert not rsv1 and opcode == 1 and payload.decode() == text
+            # under min_size: never compressed, for anybody
+            counter.reset()
+            assert server.broadcast(b"tiny") == 10
+            assert counter.shared == 0
+            for ws in clients + plain:
+                assert await recv(ws) == b"tiny"
+            assert (await raw_deflate.recv_frame())[1:] == (False, 2, b"tiny")
+        finally:
+            raw_deflate.close()
+            raw_plain.close()
+            for ws in clients + plain:
+                await ws.close()
+
+
+@async_test
+async def test_broadcast_is_compressed_once_per_distinct_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = echo_server()
+    counter = CallCounter(monkeypatch)
+    ten = [ClientPerMessageDeflateFactory(server_max_window_bits=10)]
+    async with server.serve(HOST, 0):
+        fifteen_clients = [await ws_connect(server).__aenter__() for _ in range(3)]
+        ten_clients = [
+            await ws_connect(server, compression=None, extensions=ten).__aenter__()
+            for _ in range(3)
+        ]
+        try:
+            for ws in ten_clients:
+                header = negotiated_header(ws)
+                assert header is not None and "server_max_window_bits=10" in header
+            await eventually(lambda: server.client_count == 6)
+            messages: list[str | bytes] = [
+                "text for two settings " * 300,
+                bytes(range(256)) * 100,
+            ]
+            for message in messages:
+                counter.reset()
+                assert server.broadcast(message) == 6
+                assert counter.shared == 2
+                for ws in fifteen_clients + ten_clients:
+                    assert await recv(ws) == message
+        finally:
+            for ws in fifteen_clients + ten_clients:
+                await ws.close()
+
+
+@async_test
+async def test_broadcast_with_context_takeover_compresses_per_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = DeflateOptions(server_no_context_takeover=False, client_no_context_takeover=False)
+    server = echo_server(compression=options)
+    counter = CallCounter(monkeypatch)
+    async with server.serve(HOST, 0):
+        clients = [await ws_connect(server).__aenter__() for _ in range(4)]
+        try:
+            await eventually(lambda: server.client_count == 4)
+            for index in range(30):
+                message = f"broadcast {index}: " + "same words again " * 30
+                counter.reset()
+                assert server.broadcast(message) == 4
+                assert counter.encode == 4 and counter.shared == 0
+                for ws in clients:
+                    assert await recv(ws) == message
+        finally:
+            for ws in clients:
+                await ws.close()
+
+
+# ------------------------------------------- loadtest --offer-deflate / --server-arg
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def loadtest_connections(tmp_path: Any, *args: str) -> dict[str, Any]:
+    json_path = tmp_path / "result.json"
+    command = [sys.executable, "-m", "loadtest", "connections", "--clients", "20"]
+    command += ["--rate", "0", "--hold", "0.2", "--measure", "0.2", "--no-chart", "--quiet"]
+    command += ["--json", str(json_path), "--timeout", "50", *args]
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    document: dict[str, Any] = json.loads(json_path.read_text())
+    return document
+
+
+def test_loadtest_upgrade_request_offers_deflate() -> None:
+    sys.path.insert(0, REPO_ROOT)
+    try:
+        from loadtest import wire
+    finally:
+        sys.path.remove(REPO_ROOT)
+    key = wire.new_key()
+    plain = wire.upgrade_request("127.0.0.1", 80, key)
+    assert b"Sec-WebSocket-Extensions" not in plain
+    offered = wire.upgrade_request("127.0.0.1", 80, key, extensions=wire.DEFLATE_OFFER)
+    assert b"\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" in (
+        offered
+    )
+    assert offered.endswith(b"\r\n\r\n") and offered.count(b"\r\n\r\n") == 1
+    assert negotiate([wire.DEFLATE_OFFER], DEFAULT) is not None
+
+
+@pytest.mark.parametrize(
+    ("server_args", "agreed"), [((), 20), (("--server-arg=--compression=none",), 0)]
+)
+def test_loadtest_offer_deflate(tmp_path: Any, server_args: tuple[str, ...], agreed: int) -> None:
+    document = loadtest_connections(tmp_path, "--offer-deflate", *server_args)
+    (run,) = document["runs"]
+    assert run["metrics"]["clients_connected"] == 20
+    assert run["metrics"]["clients_with_extension"] == agreed
+    passed = [arg.split("=", 1)[1] for arg in server_args]  # appended to echo.py's args
+    assert run["server_command"][len(run["server_command"]) - len(passed) :] == passed
+
+
+def test_loadtest_offer_deflate_is_refused_where_clients_would_need_to_inflate() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "loadtest", "echo", "--offer-deflate"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "--offer-deflate" in completed.stderr
