@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 from .exceptions import WebSocketNegotiationError
-from .http11 import Request, encode_response
+from .http11 import Request, check_header
 
 __all__ = [
     "accept_key",
@@ -103,15 +103,21 @@ def accept_response(
     extensions: str | None = None,
     extra_headers: Iterable[tuple[str, str]] = (),
 ) -> bytes:
-    """The ``101 Switching Protocols`` response (RFC 6455 §4.2.2)."""
-    headers = [
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Accept", accept_key(key)),
-    ]
+    """The ``101 Switching Protocols`` response (RFC 6455 §4.2.2).
+
+    The subprotocol and the extra headers come from the application and
+    are checked against CR/LF injection; the rest is ours.
+    """
+    head = (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+    )
+    extra = list(extra_headers)
     if subprotocol:
-        headers.append(("Sec-WebSocket-Protocol", subprotocol))
+        extra.insert(0, ("Sec-WebSocket-Protocol", subprotocol))
     if extensions:
-        headers.append(("Sec-WebSocket-Extensions", extensions))
-    headers.extend(extra_headers)
-    return encode_response(101, headers)
+        head += f"Sec-WebSocket-Extensions: {extensions}\r\n"
+    for name, value in extra:
+        check_header(name, value)
+        head += f"{name}: {value}\r\n"
+    return (head + "\r\n").encode("latin-1")
