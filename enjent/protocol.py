@@ -94,6 +94,16 @@ _OPCODE_PING = Opcode.PING.value
 _OPCODE_PONG = Opcode.PONG.value
 
 
+def _decode_text(payload: bytes) -> str:
+    """A whole text message (RFC 6455 §8.1): invalid UTF-8 fails with 1007."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(
+            CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
+        ) from None
+
+
 class ServerProtocol:
     """The server side of one WebSocket connection, after the handshake.
 
@@ -208,12 +218,10 @@ class ServerProtocol:
                 payload = apply_mask(view[pos + header : stop], key)
                 pos = stop
                 if first == 0x81:
-                    try:
+                    try:  # _decode_text, inlined: this is the hot path
                         events.append(payload.decode("utf-8"))
                     except UnicodeDecodeError:
-                        raise ProtocolError(
-                            CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
-                        ) from None
+                        _decode_text(payload)  # raises the ProtocolError
                 else:
                     events.append(payload)
                 continue
@@ -272,15 +280,7 @@ class ServerProtocol:
                 if compressed:
                     payload = self._inflate(payload, fin=bool(fin))
                 if fin:
-                    if opcode == _OPCODE_TEXT:
-                        try:
-                            events.append(payload.decode("utf-8"))
-                        except UnicodeDecodeError:
-                            raise ProtocolError(
-                                CloseCode.INVALID_PAYLOAD_DATA, "text message is not valid UTF-8"
-                            ) from None
-                    else:
-                        events.append(payload)
+                    events.append(_decode_text(payload) if opcode == _OPCODE_TEXT else payload)
                 else:
                     self._start_fragments(opcode, payload, compressed)
             elif opcode == _OPCODE_CONT:
