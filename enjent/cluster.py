@@ -498,16 +498,26 @@ class ClusterClient:
                 # (never heard of: it died before its first heartbeat reached us)
                 self.peers.pop(shard, None)
                 self._purge(shard)
+                if peer is not None:
+                    self._forget_sequences(shard, peer.generation)
             else:
                 self._purge(shard, keep_generation=peer.generation)
 
     def _peer(self, shard: int, generation: str) -> Peer:
         peer = self.peers.get(shard)
         if peer is None or peer.generation != generation:
-            # a new process for that shard: its predecessor's clients are gone
+            # a new process for that shard: its predecessor's clients are gone,
+            # and so is the sequence state kept for it
             self._purge(shard, keep_generation=generation)
+            if peer is not None:
+                self._forget_sequences(shard, peer.generation)
             peer = self.peers[shard] = Peer(generation, last_heartbeat=time.monotonic())
         return peer
+
+    def _forget_sequences(self, shard: int, generation: str) -> None:
+        key = (shard, generation)
+        for per_topic in self._last_seq.values():
+            per_topic.pop(key, None)
 
     def _on_heartbeat(self, origin: int, generation: str, fields: list[Any]) -> None:
         pid, clients, stats = fields
@@ -548,6 +558,7 @@ class ClusterClient:
                     )
                     del self.peers[shard]
                     self._purge(shard)
+                    self._forget_sequences(shard, peer.generation)
             await asyncio.sleep(self.heartbeat_interval)
 
 

@@ -30,6 +30,7 @@ __all__ = ["Connection"]
 logger = logging.getLogger("enjent.connection")
 
 _OPEN = State.OPEN
+_NO_LINGER, _LINGER_REQUESTED, _LINGERING = 0, 1, 2
 _TEXT = Opcode.TEXT.value
 _BINARY = Opcode.BINARY.value
 _str = str
@@ -43,6 +44,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
         "_batching",
         "_drain_waiter",
         "_head",
+        "_linger",
         "_paused",
         "active",
         "client",
@@ -61,6 +63,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
         self.client: WebSocketClient | None = None
         self._head: bytes = b""
         self._batching = False
+        self._linger = _NO_LINGER
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         #: set on every read, cleared by the sweep: liveness without a clock call
@@ -223,7 +226,24 @@ class Connection(ServerProtocol, asyncio.Protocol):
         else:
             transport.write(self.data_to_send())
         if self.state is State.CLOSED:
-            transport.close()
+            client = self.client
+            if client is not None and self.close_code is not None:
+                # the WebSocket is closed: the client is gone now, even if TCP
+                # lingers a little (idempotent: reported once)
+                self.server._client_gone(client, self.close_code, self.close_reason)
+            linger = self._linger
+            if linger == _NO_LINGER:
+                transport.close()
+            elif linger == _LINGER_REQUESTED:
+                # we failed the connection while the peer may still be sending:
+                # closing now could reset the connection and lose our close
+                # frame, so shut down writing and read until the peer closes
+                # (the sweep aborts it after close_timeout)
+                self._linger = _LINGERING
+                if transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
 
     def is_open(self) -> bool:
         return self.state is State.OPEN and self.transport is not None
@@ -289,6 +309,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
         if self.state is State.CLOSED:
             return
         self.fail(code, reason)
+        self._linger = _LINGER_REQUESTED
         self._flush()
 
     def drain(self) -> asyncio.Future[Any]:
@@ -305,5 +326,6 @@ class Connection(ServerProtocol, asyncio.Protocol):
 
     def _on_close(self, event: Close) -> None:
         if event.failed:
+            self._linger = _LINGER_REQUESTED
             self.server.stats["protocol_errors"] += 1
             logger.info("failing connection of %s: %s (%d)", self.client, event.reason, event.code)
