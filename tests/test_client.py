@@ -7,14 +7,14 @@ original's ClientInitializationStrategy).
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
+from wsutil import HOST, async_test, eventually, recv, ws_connect
 
 from enjent import (
     ConnectionClosedError,
@@ -23,43 +23,6 @@ from enjent import (
     WebSocketClient,
     WebSocketServer,
 )
-
-HOST = "127.0.0.1"
-TEST_TIMEOUT = 10.0
-
-
-def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test on a fresh event loop, bounded in time."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
-
-    return wrapper
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
-def ws_connect(server: WebSocketServer, path: str = "/", **kwargs: Any) -> connect:
-    options: dict[str, Any] = {
-        "open_timeout": 3,
-        "close_timeout": 2,
-        "ping_interval": None,
-        "compression": None,
-        "proxy": None,
-    }
-    options.update(kwargs)
-    return connect(f"ws://{HOST}:{server.port}{path}", **options)
-
-
-async def recv(ws: ClientConnection, timeout: float = 2.0) -> str | bytes:
-    return await asyncio.wait_for(ws.recv(), timeout)
 
 
 class Collected:

@@ -17,49 +17,32 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
+import wsutil
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from wsutil import HOST, eventually, parse_headers, upgrade_request
 
 import enjent.deflate
 from enjent import CloseCode, WebSocketClient, WebSocketServer
 from enjent.deflate import DeflateOptions, Negotiated, PerMessageDeflate, negotiate
 from enjent.exceptions import ProtocolError
 
-HOST = "127.0.0.1"
 TEST_TIMEOUT = 20.0
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 TAIL = b"\x00\x00\xff\xff"
 MiB = 1 << 20
 
 # ------------------------------------------------------------------ helpers
 
-
-def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test on a fresh event loop, bounded in time."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        with asyncio.Runner() as runner:
-            runner.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
-
-    return wrapper
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
+async_test = wsutil.async_test_within(TEST_TIMEOUT)
+recv = functools.partial(wsutil.recv, timeout=5.0)
 
 
 def echo_server(**options: Any) -> WebSocketServer:
@@ -75,24 +58,12 @@ def echo_server(**options: Any) -> WebSocketServer:
 
 def ws_connect(server: WebSocketServer, **kwargs: Any) -> connect:
     """A ``websockets`` client with its default compression (permessage-deflate)."""
-    options: dict[str, Any] = {
-        "open_timeout": 3,
-        "close_timeout": 2,
-        "ping_interval": None,
-        "proxy": None,
-        "max_size": 64 * MiB,
-    }
-    options.update(kwargs)
-    return connect(f"ws://{HOST}:{server.port}/", **options)
+    return wsutil.ws_connect(server, **{"compression": "deflate", "max_size": 64 * MiB, **kwargs})
 
 
 def negotiated_header(ws: ClientConnection) -> str | None:
     assert ws.response is not None
     return ws.response.headers.get("Sec-WebSocket-Extensions")
-
-
-async def recv(ws: ClientConnection, timeout: float = 5.0) -> str | bytes:
-    return await asyncio.wait_for(ws.recv(), timeout)
 
 
 def deflate_raw(data: bytes, bits: int = 15, level: int = 6) -> bytes:
@@ -136,27 +107,15 @@ class RawClient:
         self.reader = reader
         self.writer = writer
         self.head = head
-        self.headers: dict[str, str] = {}
-        for line in head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            self.headers[name.strip().lower()] = value.strip()
+        self.headers = parse_headers(head.split("\r\n")[1:])
 
     @classmethod
     async def connect(
         cls, port: int, offer: str | None = "permessage-deflate; client_max_window_bits"
     ) -> RawClient:
         reader, writer = await asyncio.open_connection(HOST, port)
-        lines = [
-            "GET / HTTP/1.1",
-            f"Host: {HOST}:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {KEY}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        if offer is not None:
-            lines.append(f"Sec-WebSocket-Extensions: {offer}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        extra = [] if offer is None else [f"Sec-WebSocket-Extensions: {offer}"]
+        writer.write(upgrade_request("/", *extra, host=f"{HOST}:{port}"))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
         assert head.startswith(b"HTTP/1.1 101 "), head
         return cls(reader, writer, head.decode("latin-1").rstrip("\r\n"))

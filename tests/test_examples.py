@@ -3,51 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import json
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+import wsutil
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
+from wsutil import HOST, raw_http, recv
 
 from enjent import WebSocketClient, WebSocketServer
 
-HOST = "127.0.0.1"
-TEST_TIMEOUT = 15.0
-
-
-def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test on a fresh event loop, bounded in time."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
-
-    return wrapper
+async_test = wsutil.async_test_within(15.0)
 
 
 def ws_connect(port: int, path: str = "/", **kwargs: Any) -> connect:
-    options: dict[str, Any] = {
-        "open_timeout": 3,
-        "close_timeout": 2,
-        "ping_interval": None,
-        "proxy": None,
-    }
-    options.update(kwargs)
-    return connect(f"ws://{HOST}:{port}{path}", **options)
-
-
-async def recv(ws: ClientConnection, timeout: float = 2.0) -> str | bytes:
-    return await asyncio.wait_for(ws.recv(), timeout)
+    """A ``websockets`` client with its default compression (permessage-deflate)."""
+    return wsutil.ws_connect(port, path, **{"compression": "deflate", **kwargs})
 
 
 async def recv_json(ws: ClientConnection, timeout: float = 2.0) -> dict[str, Any]:
@@ -59,19 +39,7 @@ async def recv_json(ws: ClientConnection, timeout: float = 2.0) -> dict[str, Any
 
 async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     """A plain HTTP/1.1 GET over a raw socket; the server closes after answering."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
-        data = await asyncio.wait_for(reader.read(), 2)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ")[1]), headers, body
+    return await raw_http(port, f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
 
 
 @asynccontextmanager

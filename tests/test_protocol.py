@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wsutil import parse_server_frames
 
 from enjent.frames import CloseCode, Opcode, encode_close_payload, encode_frame
 from enjent.protocol import Close, Event, Ping, Pong, ServerProtocol, State
@@ -52,24 +53,7 @@ def raw_close(payload: bytes) -> bytes:
 
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     """Split what the server wrote into (opcode, payload); all must be final, unmasked."""
-    frames = []
-    pos = 0
-    while pos < len(data):
-        first, second = data[pos], data[pos + 1]
-        assert first & 0xF0 == 0x80, "server frames are final, without RSV bits"
-        assert not second & 0x80, "server frames are unmasked"
-        length = second & 0x7F
-        pos += 2
-        if length == 126:
-            length = int.from_bytes(data[pos : pos + 2], "big")
-            pos += 2
-        elif length == 127:
-            length = int.from_bytes(data[pos : pos + 8], "big")
-            pos += 8
-        frames.append((first & 0x0F, data[pos : pos + length]))
-        pos += length
-    assert pos == len(data)
-    return frames
+    return parse_server_frames(data, strict=True)
 
 
 def close_frame(code: int | None = None, reason: str = "") -> tuple[int, bytes]:

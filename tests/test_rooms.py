@@ -3,41 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
+from wsutil import HOST, async_test, eventually, recv, ws_connect
 
 import enjent.server
 from enjent import Room, RoomUnion, WebSocketClient, WebSocketServer
-
-HOST = "127.0.0.1"
-TEST_TIMEOUT = 10.0
-
-
-def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test on a fresh event loop, bounded in time."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
-
-    return wrapper
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
-async def recv(ws: ClientConnection, timeout: float = 2.0) -> str | bytes:
-    return await asyncio.wait_for(ws.recv(), timeout)
 
 
 async def nothing_pending(ws: ClientConnection) -> bool:
@@ -61,16 +34,7 @@ class Clients:
     async def open(self, count: int) -> list[WebSocketClient]:
         start = len(self.accepted)
         for _ in range(count):
-            self.sockets.append(
-                await connect(
-                    f"ws://{HOST}:{self.server.port}/",
-                    open_timeout=3,
-                    close_timeout=1,
-                    ping_interval=None,
-                    compression=None,
-                    proxy=None,
-                )
-            )
+            self.sockets.append(await ws_connect(self.server, close_timeout=1))
         await eventually(lambda: len(self.accepted) == start + count)
         return self.accepted[start:]
 

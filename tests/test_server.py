@@ -8,7 +8,6 @@ must misbehave more than it can, by raw sockets.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -18,14 +17,23 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psutil
 import pytest
-import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
+from wsutil import (
+    HOST,
+    KEY,
+    async_test,
+    eventually,
+    parse_server_frames,
+    raw_http,
+    recv,
+    upgrade_request,
+    ws_connect,
+)
 
 import enjent
 from enjent import (
@@ -41,99 +49,16 @@ from enjent import (
     WebSocketServerError,
 )
 
-HOST = "127.0.0.1"
-TEST_TIMEOUT = 10.0
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
-
 # ------------------------------------------------------------------ helpers
 
 
-def async_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an ``async def`` test on a fresh event loop, bounded in time.
-
-    A test with a ``loop_kind`` parameter runs on that loop ("asyncio" or
-    "uvloop", the loop ``server.run`` uses); others on asyncio's.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        factory = uvloop.new_event_loop if kwargs.get("loop_kind") == "uvloop" else None
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
-
-    return wrapper
-
-
 both_loops = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-
-
-async def eventually(predicate: Callable[[], object], timeout: float = 3.0) -> None:
-    """Wait until ``predicate()`` is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
-def ws_connect(server: WebSocketServer, path: str = "/", **kwargs: Any) -> connect:
-    """A ``websockets`` client for ``server``, with bounded timeouts and no keepalive."""
-    options: dict[str, Any] = {
-        "open_timeout": 3,
-        "close_timeout": 2,
-        "ping_interval": None,
-        "compression": None,
-        "proxy": None,
-    }
-    options.update(kwargs)
-    return connect(f"ws://{HOST}:{server.port}{path}", **options)
-
-
-async def recv(ws: ClientConnection, timeout: float = 2.0) -> str | bytes:
-    return await asyncio.wait_for(ws.recv(), timeout)
 
 
 async def closed_with(ws: ClientConnection, timeout: float = 3.0) -> tuple[int | None, str | None]:
     """Wait for the connection to close; return the close code and reason received."""
     await asyncio.wait_for(ws.wait_closed(), timeout)
     return ws.close_code, ws.close_reason
-
-
-def upgrade_request(path: str = "/", *extra: str, version: str = "13") -> bytes:
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {HOST}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY}",
-        f"Sec-WebSocket-Version: {version}",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, body
-
-
-async def raw_http(
-    port: int, data: bytes, timeout: float = 2.0
-) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read until the server closes, parse the HTTP response."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(data)
-        response = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    return parse_response(response)
 
 
 async def raw_websocket(port: int, *, rcvbuf: int | None = None) -> socket.socket:
@@ -166,25 +91,6 @@ async def read_until_eof(sock: socket.socket, timeout: float = 3.0) -> bytes:
             break
         data += chunk
     return bytes(data)
-
-
-def parse_server_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """Parse unmasked server frames: ``[(opcode, payload), ...]``."""
-    frames = []
-    pos = 0
-    while len(data) - pos >= 2:
-        opcode = data[pos] & 0x0F
-        length = data[pos + 1] & 0x7F
-        pos += 2
-        if length == 126:
-            length = int.from_bytes(data[pos : pos + 2], "big")
-            pos += 2
-        elif length == 127:
-            length = int.from_bytes(data[pos : pos + 8], "big")
-            pos += 8
-        frames.append((opcode, data[pos : pos + length]))
-        pos += length
-    return frames
 
 
 def close_code_of(payload: bytes) -> int:

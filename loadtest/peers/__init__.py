@@ -9,7 +9,11 @@ message `broadcast:<payload>` sends `<payload>` as text to every connected clien
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
+import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 BROADCAST_PREFIX = "broadcast:"
 
@@ -38,3 +42,38 @@ def parse_args(description: str) -> argparse.Namespace:
     if not (address.is_loopback):
         parser.error(f"--host {args.host} is not a loopback address")
     return args
+
+
+#: What a peer module provides: given its command line, an async context that
+#: listens while it is entered and stops listening when it exits.
+Serving = Callable[[argparse.Namespace], AbstractAsyncContextManager[object]]
+
+
+async def serve_until_signal(serving: Serving, args: argparse.Namespace) -> None:
+    """Run ``serving(args)`` until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop)
+    async with serving(args):
+        await stop
+
+
+def run_peer(description: str, serving: Serving) -> None:
+    """A peer's ``main()``: parse the command line, serve on uvloop (if it is
+    installed and not refused with ``--no-uvloop``) or asyncio until a signal."""
+    args = parse_args(description)
+    if not args.no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(serve_until_signal(serving, args))
+            return
+    asyncio.run(serve_until_signal(serving, args))

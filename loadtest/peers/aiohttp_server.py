@@ -6,12 +6,13 @@ examples/echo.py; compression off and no heartbeat, as loadtest's clients use ne
 
 from __future__ import annotations
 
-import asyncio
-import signal
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiohttp import WSMsgType, web
 
-from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, parse_args
+from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer
 
 CLIENTS: set[web.WebSocketResponse] = set()
 
@@ -37,39 +38,22 @@ async def handler(request: web.Request) -> web.WebSocketResponse:
     return connection
 
 
-async def serve_until_signal(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[None] = loop.create_future()
-
-    def request_stop() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop)
+@asynccontextmanager
+async def serving(args: argparse.Namespace) -> AsyncIterator[None]:
     app = web.Application()
     app.router.add_get("/", handler)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=BACKLOG)
+    site = web.TCPSite(runner, args.host, args.port, backlog=BACKLOG)
     await site.start()
     try:
-        await stop
+        yield
     finally:
         await runner.cleanup()
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(serve_until_signal(args.host, args.port))
-            return
-    asyncio.run(serve_until_signal(args.host, args.port))
+    run_peer(__doc__.splitlines()[0], serving)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ keepalive pings off (picows has no permessage-deflate).
 
 from __future__ import annotations
 
-import asyncio
-import signal
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, parse_args
+from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer
 
 CLIENTS: set[WSTransport] = set()
 _PREFIX = BROADCAST_PREFIX.encode()
@@ -47,36 +48,19 @@ def listener_factory(request: WSUpgradeRequest) -> EchoListener:
     return EchoListener()
 
 
-async def serve_until_signal(host: str, port: int) -> None:
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[None] = loop.create_future()
-
-    def request_stop() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop)
+@asynccontextmanager
+async def serving(args: argparse.Namespace) -> AsyncIterator[None]:
     server = await ws_create_server(
-        listener_factory, host, port, max_frame_size=MAX_MESSAGE, backlog=BACKLOG
+        listener_factory, args.host, args.port, max_frame_size=MAX_MESSAGE, backlog=BACKLOG
     )
     try:
-        await stop
+        yield
     finally:
         server.close()
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(serve_until_signal(args.host, args.port))
-            return
-    asyncio.run(serve_until_signal(args.host, args.port))
+    run_peer(__doc__.splitlines()[0], serving)
 
 
 if __name__ == "__main__":

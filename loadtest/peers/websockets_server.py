@@ -7,12 +7,13 @@ loadtest's clients use neither (unless `--offer-deflate`).
 
 from __future__ import annotations
 
-import asyncio
-import signal
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, parse_args
+from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer
 
 CLIENTS: set[ServerConnection] = set()
 
@@ -29,40 +30,22 @@ async def handler(connection: ServerConnection) -> None:
         CLIENTS.discard(connection)
 
 
-async def serve_until_signal(host: str, port: int, compression: str | None = None) -> None:
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[None] = loop.create_future()
-
-    def request_stop() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, request_stop)
+@asynccontextmanager
+async def serving(args: argparse.Namespace) -> AsyncIterator[None]:
     async with serve(
         handler,
-        host,
-        port,
-        compression=compression,
+        args.host,
+        args.port,
+        compression="deflate" if args.compression == "deflate" else None,
         ping_interval=None,
         max_size=MAX_MESSAGE,
         backlog=BACKLOG,
     ):
-        await stop
+        yield
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    compression = "deflate" if args.compression == "deflate" else None
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            uvloop.run(serve_until_signal(args.host, args.port, compression))
-            return
-    asyncio.run(serve_until_signal(args.host, args.port, compression))
+    run_peer(__doc__.splitlines()[0], serving)
 
 
 if __name__ == "__main__":
