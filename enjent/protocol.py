@@ -121,6 +121,7 @@ class ServerProtocol:
         "_frag_size",
         "_fragments",
         "_need",
+        "_partial",
         "close_code",
         "close_reason",
         "extension",
@@ -144,6 +145,9 @@ class ServerProtocol:
         self.close_reason = ""
         self._buffer: bytearray | None = None  # a partial frame, only while one is
         self._need = 0  # bytes the partial frame needs before parsing can go on
+        #: (header size, masking key, bytes checked, decoder) while a text
+        #: frame is only partly here: its UTF-8 is checked as it arrives
+        self._partial: tuple[int, bytes, int, codecs.IncrementalDecoder] | None = None
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0: none
         self._frag_size = 0
         self._frag_compressed = False
@@ -162,9 +166,15 @@ class ServerProtocol:
         if buffer is not None:
             buffer += data
             if len(buffer) < self._need:
+                if self._partial is not None:
+                    try:
+                        self._check_partial(buffer)
+                    except ProtocolError as exc:
+                        return [self._fail(exc.close_code, str(exc))]
                 return []
             data = bytes(buffer)
             self._buffer = None
+            self._partial = None
         events: list[Event] = []
         try:
             consumed = self._parse(data, events)
@@ -213,6 +223,8 @@ class ServerProtocol:
                 stop = pos + header + length
                 if stop > end:
                     self._need = stop - pos
+                    if first == 0x81 and end >= pos + header:
+                        self._start_partial(data, pos, header, end, continued=False)
                     break
                 key = data[pos + header - 4 : pos + header]
                 payload = apply_mask(view[pos + header : stop], key)
@@ -272,6 +284,9 @@ class ServerProtocol:
             stop = pos + header + length
             if stop > end:
                 self._need = stop - pos
+                text = opcode == _OPCODE_TEXT or (opcode == _OPCODE_CONT and self._decoder)
+                if text and not compressed and end >= pos + header:
+                    self._start_partial(data, pos, header, end, continued=opcode == _OPCODE_CONT)
                 break
             payload = apply_mask(view[pos + header : stop], data[pos + header - 4 : pos + header])
             pos = stop
@@ -301,6 +316,37 @@ class ServerProtocol:
         else:
             self._need = 2
         return pos
+
+    def _start_partial(
+        self, data: bytes, pos: int, header: int, end: int, *, continued: bool
+    ) -> None:
+        """A text frame is still arriving: check the UTF-8 of what is here.
+
+        RFC 6455 §8.1 lets an endpoint fail on invalid UTF-8 as soon as it
+        sees it; without this, a text frame that arrives in several reads is
+        checked only once complete. A copy of the message's decoder is used:
+        the complete frame is decoded again the usual way.
+        """
+        decoder = _UTF8_DECODER("strict")
+        if continued and self._decoder is not None:
+            decoder.setstate(self._decoder.getstate())
+        key = data[pos + header - 4 : pos + header]
+        available = memoryview(data)[pos + header : end]
+        self._decode_fragment(decoder, apply_mask(available, key), False)
+        self._partial = (header, key, len(available), decoder)
+
+    def _check_partial(self, buffer: bytearray) -> None:
+        """Check the bytes of a partial text frame that arrived since the last read."""
+        assert self._partial is not None
+        header, key, checked, decoder = self._partial
+        rotation = checked & 3  # the masking key goes on where the last check stopped
+        new = memoryview(buffer)[header + checked :]
+        try:
+            chunk = apply_mask(new, key[rotation:] + key[:rotation])
+        finally:
+            new.release()  # the buffer grows on the next read
+        self._decode_fragment(decoder, chunk, False)
+        self._partial = (header, key, checked + len(chunk), decoder)
 
     def _inflate(self, payload: bytes, *, fin: bool) -> bytes:
         extension = self.extension
@@ -393,6 +439,7 @@ class ServerProtocol:
             self._close_frame = encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason))
         self.state = State.CLOSED
         self._buffer = None
+        self._partial = None
         self._fragments = ()
         self._decoder = None
         self.close_code = code

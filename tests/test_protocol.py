@@ -506,3 +506,46 @@ def test_chunking_never_changes_the_events(data: st.DataObject, payload: bytes) 
     events, protocol = feed(chunks)
     assert events == whole_events
     assert protocol.data_to_send() == whole_output
+
+
+# -- UTF-8 checked while a text frame is still arriving (RFC 6455 §8.1) ------------
+
+
+@pytest.mark.parametrize("split", [0, 3, 7, 8, 9, 10, 11])
+def test_invalid_utf8_fails_inside_a_frame_that_is_still_arriving(split: int) -> None:
+    """The invalid byte fails the connection before the rest of the frame is sent."""
+    good = "κόσμε".encode()
+    frame = text(good + b"\xf4\x90\x80\x80" + b"a" * 100)
+    protocol = ServerProtocol()
+    header = 6  # 7-bit length + masking key
+    assert protocol.receive_data(frame[: header + split]) == []
+    events = protocol.receive_data(frame[header + split : header + len(good) + 2])
+    assert failed_with(events, CloseCode.INVALID_PAYLOAD_DATA)
+    assert server_frames(protocol.data_to_send())[0][1][:2] == b"\x03\xef"  # 1007
+    assert protocol.receive_data(frame[header + len(good) + 2 :]) == []
+
+
+def test_valid_utf8_arriving_byte_by_byte_gives_one_message() -> None:
+    """Each read checks only its new bytes, with the masking key rotated to match."""
+    message = "héllo wörld, ☃ and 𝄞 " * 20
+    frame = text(message)
+    events, protocol = feed(frame[i : i + 1] for i in range(len(frame)))
+    assert events == [message]
+    assert protocol.state is State.OPEN
+
+
+def test_invalid_utf8_in_a_partial_continuation_frame_fails_early() -> None:
+    """The decoder's state carries over from the message's earlier fragments."""
+    first = text(b"\xe2\x82", fin=False)  # the first two bytes of "€"
+    rest = cont(b"\x28" + b"b" * 200)  # not a continuation byte: invalid
+    protocol = ServerProtocol()
+    assert protocol.receive_data(first) == []
+    events = protocol.receive_data(rest[:9])  # header, key and the bad byte only
+    assert failed_with(events, CloseCode.INVALID_PAYLOAD_DATA)
+
+
+def test_a_partial_continuation_completing_a_character_is_fine() -> None:
+    first = text(b"\xe2\x82", fin=False)
+    rest = cont(b"\xac" + b"b" * 200)
+    events, _ = feed([first, rest[:9], rest[9:50], rest[50:]])
+    assert events == ["€" + "b" * 200]
