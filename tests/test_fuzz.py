@@ -185,6 +185,13 @@ class FakeTransport:
     def abort(self) -> None:
         self.closed = self.aborted = True
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """A lingering close: no more writes (reading would go on)."""
+        self.closed = True
+
     def is_closing(self) -> bool:
         return self.closed
 
