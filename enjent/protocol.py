@@ -166,11 +166,13 @@ class ServerProtocol:
         if buffer is not None:
             buffer += data
             if len(buffer) < self._need:
-                if self._partial is not None:
-                    try:
+                try:
+                    if self._partial is not None:
                         self._check_partial(buffer)
-                    except ProtocolError as exc:
-                        return [self._fail(exc.close_code, str(exc))]
+                    else:
+                        self._maybe_start_partial(buffer)
+                except ProtocolError as exc:
+                    return [self._fail(exc.close_code, str(exc))]
                 return []
             data = bytes(buffer)
             self._buffer = None
@@ -334,6 +336,28 @@ class ServerProtocol:
         available = memoryview(data)[pos + header : end]
         self._decode_fragment(decoder, apply_mask(available, key), False)
         self._partial = (header, key, len(available), decoder)
+
+    def _maybe_start_partial(self, buffer: bytearray) -> None:
+        """The header of a buffered frame is complete now: a text frame? Check it.
+
+        (The header was valid: the parser saw its first two bytes already.)
+        """
+        if len(buffer) < 2:
+            return
+        first = buffer[0]
+        opcode = first & 0x0F
+        if first & 0x70:  # compressed: checked once inflated
+            return
+        if opcode == _OPCODE_TEXT and not self._frag_opcode:
+            continued = False
+        elif opcode == _OPCODE_CONT and self._decoder is not None:
+            continued = True
+        else:
+            return
+        length = buffer[1] & 0x7F
+        header = 6 if length < 126 else (8 if length == 126 else 14)
+        if len(buffer) >= header:
+            self._start_partial(bytes(buffer), 0, header, len(buffer), continued=continued)
 
     def _check_partial(self, buffer: bytearray) -> None:
         """Check the bytes of a partial text frame that arrived since the last read."""

@@ -549,3 +549,14 @@ def test_a_partial_continuation_completing_a_character_is_fine() -> None:
     rest = cont(b"\xac" + b"b" * 200)
     events, _ = feed([first, rest[:9], rest[9:50], rest[50:]])
     assert events == ["€" + "b" * 200]
+
+
+@pytest.mark.parametrize("first_read", [1, 2, 4, 5])
+def test_partial_check_starts_once_the_header_is_complete(first_read: int) -> None:
+    """A header split over reads: the frame is checked once its masking key is here."""
+    frame = text(b"ok" + b"\xc0\xaf" + b"z" * 300)  # 16-bit length: an 8-byte header
+    protocol = ServerProtocol()
+    assert protocol.receive_data(frame[:first_read]) == []
+    assert protocol.receive_data(frame[first_read:9]) == []
+    events = protocol.receive_data(frame[9:12])  # the invalid bytes, 300 bytes still to come
+    assert failed_with(events, CloseCode.INVALID_PAYLOAD_DATA)
