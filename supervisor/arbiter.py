@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, worker_main
+from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from enjent import WebSocketServer
@@ -246,16 +246,16 @@ class Arbiter:
     def _spawn_worker(self, shard: int) -> None:
         read_fd, write_fd = os.pipe()
         parent_pid = os.getpid()
-        options = {
-            "shard": shard,
-            "host": self.host,
-            "port": self.port,
-            "publish_endpoint": self.publish_endpoint,
-            "subscribe_endpoint": self.subscribe_endpoint,
-            "ready_fd": write_fd,
-            "parent_pid": parent_pid,
-            "ssl": self.ssl,
-        }
+        spec = WorkerSpec(
+            shard=shard,
+            host=self.host,
+            port=self.port,
+            publish_endpoint=self.publish_endpoint,
+            subscribe_endpoint=self.subscribe_endpoint,
+            ready_fd=write_fd,
+            parent_pid=parent_pid,
+            ssl=self.ssl,
+        )
 
         def child() -> int:
             os.close(read_fd)
@@ -264,7 +264,7 @@ class Arbiter:
             for worker in self.workers.values():
                 with contextlib.suppress(OSError):
                     os.close(worker.ready_fd)
-            return worker_main(self.load_app, **options)  # type: ignore[arg-type]
+            return worker_main(self.load_app, spec)
 
         pid = self._fork(child)
         os.close(write_fd)

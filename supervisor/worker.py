@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import secrets
@@ -40,62 +41,43 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def worker_main(
-    load_app: Callable[[], WebSocketServer],
-    *,
-    shard: int,
-    host: str,
-    port: int,
-    publish_endpoint: str,
-    subscribe_endpoint: str,
-    ready_fd: int,
-    parent_pid: int,
-    ssl: ssl_module.SSLContext | None = None,
-) -> int:
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """Where and how one worker serves (built by the supervisor before fork)."""
+
+    shard: int
+    host: str
+    port: int
+    publish_endpoint: str
+    subscribe_endpoint: str
+    ready_fd: int  # write end of the pipe that tells the supervisor "listening"
+    parent_pid: int
+    ssl: ssl_module.SSLContext | None = None
+
+
+def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> int:
     """Serve until told to stop; return the process exit code."""
     _die_with_parent()
     for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
-    if os.getppid() != parent_pid:
+    if os.getppid() != spec.parent_pid:
         return 0
     try:
         server = load_app()
     except Exception:
-        logger.exception("worker %d: cannot load the application", shard)
+        logger.exception("worker %d: cannot load the application", spec.shard)
         return APP_LOAD_ERROR
     # a fresh identity per process: client ids stay unique across restarts
-    server.shard = shard
+    server.shard = spec.shard
     server._generation = secrets.token_hex(3)
     server._next_id = 0
-    result: int = run_event_loop(
-        _serve(
-            server,
-            shard=shard,
-            host=host,
-            port=port,
-            publish_endpoint=publish_endpoint,
-            subscribe_endpoint=subscribe_endpoint,
-            ready_fd=ready_fd,
-            parent_pid=parent_pid,
-            ssl=ssl,
-        )
-    )
+    result: int = run_event_loop(_serve(server, spec))
     return result
 
 
-async def _serve(
-    server: WebSocketServer,
-    *,
-    shard: int,
-    host: str,
-    port: int,
-    publish_endpoint: str,
-    subscribe_endpoint: str,
-    ready_fd: int,
-    parent_pid: int,
-    ssl: ssl_module.SSLContext | None,
-) -> int:
+async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
+    shard = spec.shard
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -103,27 +85,27 @@ async def _serve(
     cluster = ClusterClient(
         server,
         shard=shard,
-        publish_endpoint=publish_endpoint,
-        subscribe_endpoint=subscribe_endpoint,
+        publish_endpoint=spec.publish_endpoint,
+        subscribe_endpoint=spec.subscribe_endpoint,
     )
     server.cluster = cluster
     cluster.start()
     try:
-        await server.start(host, port, ssl=ssl, reuse_port=True)
+        await server.start(spec.host, spec.port, ssl=spec.ssl, reuse_port=True)
     except WebSocketServerError as exc:
         logger.error("worker %d cannot start: %s", shard, exc)
         await cluster.close()
         return WORKER_BOOT_ERROR
     try:
-        os.write(ready_fd, b"R")
-        os.close(ready_fd)
+        os.write(spec.ready_fd, b"R")
+        os.close(spec.ready_fd)
     except OSError:
         pass
-    logger.info("worker %d (pid %d) serving on %s:%d", shard, os.getpid(), host, port)
+    logger.info("worker %d (pid %d) serving on %s:%d", shard, os.getpid(), spec.host, spec.port)
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-        if os.getppid() != parent_pid:
+        if os.getppid() != spec.parent_pid:
             logger.warning("worker %d: the supervisor is gone, stopping", shard)
             break
     await server.stop()
