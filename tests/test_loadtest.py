@@ -446,3 +446,43 @@ def test_pool_counts_a_refused_connection() -> None:
 
     pool = asyncio.run(scenario())
     assert pool.failed == 1 and pool.opened_total == 0 and sum(pool.errors.values()) == 1
+
+
+# -- the in-process micro-benchmarks: small, fast runs so that they cannot rot -----
+
+
+def _module(name: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", f"loadtest.{name}", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_parser_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "parser.json"
+    _module("parser_bench", "--seconds", "0.05", "--json", str(out))
+    results = json.loads(out.read_text())
+    sizes = [row["size"] for row in results["parse"]]
+    assert sizes == [32, 1024, 16384, 1 << 20]
+    assert all(row["frames_per_s"] > 0 for row in results["parse"])
+    assert all(row["apply_mask_mb_per_s"] > 0 for row in results["mask"])
+
+
+def test_room_bench_smoke() -> None:
+    output = _module("room_bench", "--members", "3", "--others", "0,40", "--calls", "20")
+    rows = [line.split() for line in output.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["0", "40"]
+    assert all(float(row[1]) > 0 for row in rows)
+    assert float(rows[0][2]) == 1.0
+
+
+def test_transport_floor_smoke() -> None:
+    output = _module("transport_floor", "--connections", "500")
+    assert output.startswith("bare uvloop server: ")
+    per_connection = int(output.split(": ")[1].split(" B")[0].replace(",", ""))
+    assert 0 < per_connection < 64 * 1024
