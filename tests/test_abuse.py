@@ -30,12 +30,12 @@ import pytest
 import zmq
 from clusterutil import Cluster, close_all, healthz_of, open_client_on, wait_for
 from websockets.asyncio.client import ClientConnection, connect
+from wsutil import upgrade_request
 
 from enjent import bus
 from enjent.frames import encode_frame
 
 HOST = "127.0.0.1"
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 MASK = b"\x11\x22\x33\x44"
 MIB = 1024 * 1024
 
@@ -186,19 +186,6 @@ async def eventually(predicate: Callable[[], Any], timeout: float, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
-
-
-def upgrade_request(*extra: str, target: str = "/") -> bytes:
-    lines = [
-        f"GET {target} HTTP/1.1",
-        f"Host: {HOST}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY}",
-        "Sec-WebSocket-Version: 13",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 class Raw:
@@ -411,7 +398,7 @@ def test_oversized_request_line_and_headers_get_414_and_431(start_server: Any) -
             long_line = b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n"
             raw = await Raw.open(server.port, handshake=False)
             assert await raw.http_status(long_line) == 414
-            huge = upgrade_request(*(f"X-Pad-{i}: {'v' * 300}" for i in range(80)))
+            huge = upgrade_request("/", *(f"X-Pad-{i}: {'v' * 300}" for i in range(80)))
             raw = await Raw.open(server.port, handshake=False)
             assert await raw.http_status(huge) == 431
             endless = upgrade_request()[:-2] + b"X: " + b"y" * 40000  # never ends

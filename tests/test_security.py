@@ -19,13 +19,13 @@ import psutil
 import pytest
 from clusterutil import Cluster
 from websockets.asyncio.client import connect
+from wsutil import KEY, upgrade_request
 
 from enjent import Accept, BusError, HandshakeRejected, Response, WebSocketServer
 from enjent import bus as bus_format
 from enjent.frames import encode_frame
 
 HOST = "127.0.0.1"
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-payload-7f1d"
 
@@ -35,19 +35,6 @@ def run(main: Any, timeout: float = 20.0) -> Any:
         return await asyncio.wait_for(main, timeout)
 
     return asyncio.run(bounded())
-
-
-def upgrade_request(*extra: str, target: str = "/") -> bytes:
-    lines = [
-        f"GET {target} HTTP/1.1",
-        f"Host: {HOST}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY}",
-        "Sec-WebSocket-Version: 13",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 async def exchange(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
@@ -170,7 +157,9 @@ def test_forwarded_for_is_trusted_only_from_trusted_proxies(
 
     async def main() -> None:
         async with server.serve(HOST, 0):
-            head = await exchange(server.port, upgrade_request(*headers), read_until_close=False)
+            head = await exchange(
+                server.port, upgrade_request("/", *headers), read_until_close=False
+            )
             assert head.startswith(b"HTTP/1.1 101 ")
 
     run(main())
@@ -211,9 +200,7 @@ def test_logs_never_contain_client_payloads(caplog: pytest.LogCaptureFixture) ->
                     await with_timeout
                 writer.close()
             # a handshake that carries the secret in the path, a header and the key
-            bad = upgrade_request(f"X-Token: {SECRET}", target=f"/{SECRET}").replace(
-                KEY.encode(), secret
-            )
+            bad = upgrade_request(f"/{SECRET}", f"X-Token: {SECRET}").replace(KEY.encode(), secret)
             await exchange(server.port, bad)
             async with connect(
                 f"ws://{HOST}:{server.port}/", open_timeout=3, ping_interval=None, proxy=None
