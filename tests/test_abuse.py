@@ -21,14 +21,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import zmq
-from clusterutil import Cluster, close_all, healthz_of, open_client_on, wait_for
+from clusterutil import Cluster, close_all, healthz_of, open_client_on, poll, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from wsutil import upgrade_request
 
@@ -175,19 +175,6 @@ async def stats(client: ClientConnection) -> dict[str, int]:
             return data
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
 class Raw:
     """A raw client socket: handshake by hand, then any bytes at all."""
 
@@ -314,12 +301,10 @@ def test_slowloris_2000_half_requests_are_dropped_after_handshake_timeout(
                 with contextlib.suppress(OSError):
                     sock.send(half)
             started = time.monotonic()
-            peak_fds = await eventually(
-                lambda: server.fds >= fds_before + count // 2 and server.fds, 5
-            )
+            peak_fds = await poll(lambda: server.fds >= fds_before + count // 2 and server.fds, 5)
             latency = await echo_latency(ordinary)  # served while the stall goes on
             rss_peak = server.rss
-            await eventually(lambda: server.fds <= fds_before + 2, 10)
+            await poll(lambda: server.fds <= fds_before + 2, 10)
             dropped_after = time.monotonic() - started
             data = await stats(ordinary)
             assert data["handshake_timeouts"] >= count
@@ -360,7 +345,7 @@ def test_connection_flood_beyond_max_connections_gets_503(start_server: Any) -> 
             latency = await echo_latency(ordinary)
             for client in clients[:10]:
                 client.close()
-            data = await eventually(
+            data = await poll(
                 lambda: _clients_at_most(ordinary, 90), 5
             )  # room again: new clients get in
             async with ws(server.port) as newcomer:
@@ -553,11 +538,11 @@ def test_clients_vanishing_mid_frame_leak_nothing(start_server: Any) -> None:
             clients = [await Raw.open(server.port) for _ in range(count)]
             for index, client in enumerate(clients):
                 client.send(masked(2, b"z" * 5000)[: 100 + index])  # header and part of it
-            await eventually(lambda: _clients_at_least(ordinary, count + 1), 5)
+            await poll(lambda: _clients_at_least(ordinary, count + 1), 5)
             for index, client in enumerate(clients):
                 client.close(reset=index % 2 == 0)  # half FIN, half RST
-            data = await eventually(lambda: _clients_at_most(ordinary, 1), 10)
-            await eventually(lambda: server.fds <= fds_before, 5)
+            data = await poll(lambda: _clients_at_most(ordinary, 1), 10)
+            await poll(lambda: server.fds <= fds_before, 5)
             assert data["connections"] == 1
             report("vanish mid-frame", clients=count, fds_before=fds_before, fds_after=server.fds)
 
