@@ -33,6 +33,7 @@ from . import bus
 from .bus import Kind
 from .exceptions import BusError
 from .frames import CloseCode
+from .metrics import WorkerSample
 
 if TYPE_CHECKING:
     from .client import WebSocketClient
@@ -369,6 +370,26 @@ class ClusterClient:
             "stats": dict(server.stats),
         }
 
+    def metrics_samples(self) -> list[WorkerSample]:
+        """This worker's figures, and each peer's from its last heartbeat."""
+        server = self.server
+        samples = [
+            WorkerSample(self.shard, len(server._clients), dict(server.stats), dict(self.counters))
+        ]
+        for shard, peer in sorted(self.peers.items()):
+            stats = peer.stats
+            server_stats = stats.get("server")
+            bus_stats = stats.get("bus")
+            samples.append(
+                WorkerSample(
+                    shard,
+                    peer.clients,
+                    server_stats if isinstance(server_stats, dict) else {},
+                    bus_stats if isinstance(bus_stats, dict) else {},
+                )
+            )
+        return samples
+
     # -------------------------------------------------------------- receive
 
     def _wake(self) -> None:
@@ -548,7 +569,7 @@ class ClusterClient:
                 Kind.HEARTBEAT,
                 os.getpid(),
                 len(self.server._clients),
-                dict(self.counters),
+                {"bus": dict(self.counters), "server": dict(self.server.stats)},
             )
             now = time.monotonic()
             for shard, peer in list(self.peers.items()):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import WebSocketNegotiationError
 from .frames import CloseCode, Opcode, encode_frame
-from .http11 import error_response, parse_request
+from .http11 import Request, error_response, parse_request, without_body
 from .protocol import Close, ServerProtocol, State
 
 if TYPE_CHECKING:
@@ -28,6 +28,25 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 logger = logging.getLogger("enjent.connection")
+#: One line per handshake answered, when the server's ``access_log`` is on.
+access_logger = logging.getLogger("enjent.access")
+
+
+def _log_access(request: Request, status: int, detail: str, worker: int) -> None:
+    """``ADDRESS "METHOD TARGET VERSION" STATUS DETAIL worker=N`` on ``enjent.access``."""
+    peer = request.remote_address
+    address = f"{peer[0]}:{peer[1]}" if peer else "-"
+    access_logger.info(
+        '%s "%s %s %s" %d %s worker=%d',
+        address,
+        request.method,
+        request.target,
+        request.version,
+        status,
+        detail or "-",
+        worker,
+    )
+
 
 _OPEN = State.OPEN
 _NO_LINGER, _LINGER_REQUESTED, _LINGERING = 0, 1, 2
@@ -89,15 +108,19 @@ class Connection(ServerProtocol, asyncio.Protocol):
             self._receive_handshake(data)
             return
         events = self.receive_data(data)
+        stats = self.server.stats
+        stats["bytes_received"] += len(data)
         if events:
             self._batching = True
             server = self.server
             client = self.client
             handler = server._single_message_handler
+            messages = 0
             try:
                 for event in events:
                     kind = type(event)
                     if kind is _str or kind is _bytes:
+                        messages += 1
                         if handler is None:
                             server._dispatch_message(client, event)  # type: ignore[arg-type]
                             continue
@@ -114,6 +137,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
                         server._dispatch_control(client, event)
             finally:
                 self._batching = False
+                stats["messages_received"] += messages
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -154,6 +178,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
     def _receive_handshake(self, data: bytes) -> None:
         server = self.server
         head = self._head + data if self._head else data
+        request = None
         try:
             parsed = parse_request(
                 head,
@@ -172,21 +197,26 @@ class Connection(ServerProtocol, asyncio.Protocol):
             request.remote_address = peer
             response, client, extension = server._handshake(request)
         except WebSocketNegotiationError as exc:
-            self._refuse(exc)
+            self._refuse(exc, request)
             return
         except Exception as exc:  # a bug in a hook must not take the server down
             server._report_error(None, exc)
-            self._refuse(WebSocketNegotiationError(500, "internal server error"))
+            self._refuse(WebSocketNegotiationError(500, "internal server error"), request)
             return
         transport = self.transport
         if client is None:  # a plain HTTP answer (health path, static page)
-            transport.write(response)
+            server.stats["http_responses"] += 1
+            if server.access_log:
+                _log_access(request, int(response[9:12]), "", server.shard)
+            transport.write(without_body(response) if request.method == "HEAD" else response)
             transport.close()
             return
         self.client = client
         self.extension = extension
         client._connection = self
         transport.write(response)
+        if server.access_log:
+            _log_access(request, 101, client.subprotocol or "", server.shard)
         server._client_ready(client)
         rest = head[consumed:]
         if rest and self.state is not State.CLOSED:
@@ -194,13 +224,19 @@ class Connection(ServerProtocol, asyncio.Protocol):
         else:
             self._flush()
 
-    def _refuse(self, error: WebSocketNegotiationError) -> None:
+    def _refuse(self, error: WebSocketNegotiationError, request: Request | None) -> None:
         server = self.server
         if int(error.status) >= 500:
             logger.warning("handshake refused: %s", error)
         else:
             logger.info("handshake refused: %s", error)
         server.stats["handshakes_refused"] += 1
+        if server.access_log:
+            if request is None:  # the request itself was malformed
+                assert self.transport is not None
+                peer = self.transport.get_extra_info("peername")
+                request = Request("-", "-", version="-", remote_address=peer)
+            _log_access(request, int(error.status), str(error), server.shard)
         transport = self.transport
         if transport is not None:
             try:
@@ -209,6 +245,8 @@ class Connection(ServerProtocol, asyncio.Protocol):
                 logger.error("handshake refusal not sent as given: %s", exc)
                 internal = WebSocketNegotiationError(500, "internal server error")
                 response = error_response(internal, server=server.server_header)
+            if request is not None and request.method == "HEAD":
+                response = without_body(response)
             transport.write(response)
             transport.close()
 
@@ -268,6 +306,9 @@ class Connection(ServerProtocol, asyncio.Protocol):
         else:
             frame = encode_frame(first & 0x0F, payload, rsv1=bool(first & 0x40))
         if self.state is _OPEN and not self._paused:  # the common case, inline
+            stats = self.server.stats
+            stats["messages_sent"] += 1
+            stats["bytes_sent"] += len(frame)
             if self._batching:
                 self.pending.append(frame)
             else:
@@ -325,7 +366,10 @@ class Connection(ServerProtocol, asyncio.Protocol):
     # -------------------------------------------------------------- close
 
     def _on_close(self, event: Close) -> None:
+        # whoever closed, the peer may still be sending (a second close frame,
+        # data in flight): half-close and read until it closes, so that the
+        # connection ends with FIN, never with a reset (bounded by close_timeout)
+        self._linger = _LINGER_REQUESTED
         if event.failed:
-            self._linger = _LINGER_REQUESTED
             self.server.stats["protocol_errors"] += 1
             logger.info("failing connection of %s: %s (%d)", self.client, event.reason, event.code)

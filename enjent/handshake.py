@@ -45,8 +45,16 @@ def validate_upgrade(request: Request) -> str:
     """Check the client's handshake (RFC 6455 §4.2.1); return its key.
 
     Raises :class:`WebSocketNegotiationError` with 400 for a malformed
-    request and 426 (with ``Sec-WebSocket-Version: 13``) for another version.
+    request, 405 for ``HEAD``, 505 below HTTP/1.1 (RFC 6455 §4.1 asks for
+    "HTTP/1.1 or higher") and 426 (with ``Sec-WebSocket-Version: 13``) for
+    another WebSocket version.
     """
+    if request.version != "HTTP/1.1":
+        raise WebSocketNegotiationError(505, "only HTTP/1.1 can upgrade to WebSocket")
+    if request.method != "GET":
+        raise WebSocketNegotiationError(
+            405, f"method {request.method} not allowed, use GET", headers=[("Allow", "GET")]
+        )
     headers = request.headers
     if "Host" not in headers:
         raise WebSocketNegotiationError(400, "missing Host header")

@@ -8,9 +8,9 @@ costs at most ``max_request_size`` bytes of buffer before it is refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar, overload
 from urllib.parse import parse_qsl, unquote
 
 from .exceptions import WebSocketNegotiationError
@@ -22,7 +22,11 @@ __all__ = [
     "encode_response",
     "error_response",
     "parse_request",
+    "text_response",
+    "without_body",
 ]
+
+_T = TypeVar("_T")
 
 #: RFC 9110 §5.6.2: a token (header names, methods).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -35,11 +39,15 @@ _FIELD_LINE = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
 _FIELD_LINES = re.compile(_FIELD_LINE + rb"(?:\r\n" + _FIELD_LINE + rb")*")
 
 
-class MultiDict:
-    """An ordered multimap of strings; ``[name]`` gives the first value.
+class MultiDict(Mapping[str, str]):
+    """An ordered multimap of strings, read as a ``Mapping`` of first values.
 
-    ``get_all(name)`` gives every value, in order. With ``case_insensitive``
-    (headers) names are compared without case but kept as received.
+    ``[name]``, ``get()``, ``keys()``, ``values()``, ``items()`` and
+    ``dict(multidict)`` see the first value of each name (as websockets'
+    and aiohttp's headers do); ``get_all(name)`` gives every value of a name,
+    in order, and ``multi_items()`` every (name, value) pair as received.
+    With ``case_insensitive`` (headers) names are compared without case but
+    kept as received.
     """
 
     __slots__ = ("_case_insensitive", "_index", "_items")
@@ -70,7 +78,16 @@ class MultiDict:
             raise KeyError(name)
         return values[0]
 
-    def get(self, name: str, default: str | None = None) -> str | None:
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str, /) -> str: ...
+
+    @overload
+    def get(self, name: str, default: _T, /) -> str | _T: ...
+
+    def get(self, name: str, default: object = None, /) -> object:
         values = self._lookup().get(self._key(name))
         return values[0] if values else default
 
@@ -93,7 +110,7 @@ class MultiDict:
     def __len__(self) -> int:
         return len({self._key(name) for name, _ in self._items})
 
-    def items(self) -> list[tuple[str, str]]:
+    def multi_items(self) -> list[tuple[str, str]]:
         """Every (name, value) pair, repeated names included, in order."""
         return list(self._items)
 
@@ -104,7 +121,7 @@ class MultiDict:
     def __eq__(self, other: object) -> bool:
         if isinstance(other, MultiDict):
             return self._items == other._items
-        return NotImplemented
+        return NotImplemented  # not equal to a dict: that would drop repeated names
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -259,10 +276,29 @@ def parse_request(
     """Parse the head of an HTTP/1.1 request from the start of ``data``.
 
     Returns ``(request, consumed)`` once the head is complete, ``None`` while
-    more bytes are needed. Raises :class:`WebSocketNegotiationError` with
-    400 (malformed), 405 (not GET), 414 (request line too long), 431 (head too
-    large, or too many fields) or 505 (not HTTP/1.1).
+    more bytes are needed. ``GET`` and ``HEAD`` are accepted, over HTTP/1.1
+    or HTTP/1.0 (load balancers' health probes; only HTTP/1.1 may upgrade,
+    which :func:`~enjent.handshake.validate_upgrade` checks). Raises
+    :class:`WebSocketNegotiationError` with 400 (malformed), 405 (another
+    method), 414 (request line too long), 431 (head too large, or too many
+    fields) or 505 (another HTTP version).
     """
+    start = 0
+    # RFC 9112 §2.2: ignore empty lines received before the request line
+    while data.startswith(b"\r\n", start) and start <= max_request_size:
+        start += 2
+    if start > max_request_size:
+        raise WebSocketNegotiationError(431, "request header fields too large")
+    if start:
+        if len(data) == start:
+            return None
+        parsed = parse_request(
+            bytes(data[start:]),
+            max_request_line=max_request_line,
+            max_request_size=max_request_size - start,
+            max_headers=max_headers,
+        )
+        return None if parsed is None else (parsed[0], parsed[1] + start)
     end = data.find(_END_OF_HEAD, 0, max_request_size + 4)
     if end < 0:
         line_end = data.find(b"\r\n", 0, max_request_line + 2)
@@ -282,8 +318,8 @@ def parse_request(
     method_bytes, target_bytes, version_bytes = parts
     if not version_bytes.startswith(b"HTTP/"):
         raise WebSocketNegotiationError(400, "malformed request line")
-    if version_bytes != b"HTTP/1.1":
-        raise WebSocketNegotiationError(505, "only HTTP/1.1 can upgrade to WebSocket")
+    if version_bytes != b"HTTP/1.1" and version_bytes != b"HTTP/1.0":
+        raise WebSocketNegotiationError(505, "HTTP version not supported, use HTTP/1.1")
     if not target_bytes or any(c <= 0x20 or c >= 0x7F for c in target_bytes):
         raise WebSocketNegotiationError(400, "malformed request target")
     if len(lines) - 1 > max_headers:
@@ -303,17 +339,45 @@ def parse_request(
         fields.append((name.decode("ascii"), text))
     if not valid:  # pragma: no cover - the loop above names every failure
         raise WebSocketNegotiationError(400, "malformed header field")
-    method = "GET" if method_bytes == b"GET" else method_bytes.decode("ascii")  # one shared str
-    if method != "GET":
+    if method_bytes == b"GET":
+        method = "GET"  # one shared str
+    elif method_bytes == b"HEAD":
+        method = "HEAD"
+    else:
+        method = method_bytes.decode("ascii")
         raise WebSocketNegotiationError(
-            405, f"method {method} not allowed, use GET", headers=[("Allow", "GET")]
+            405, f"method {method} not allowed, use GET", headers=[("Allow", "GET, HEAD")]
         )
-    target = target_bytes.decode("ascii")
-    if not target.startswith("/"):
-        raise WebSocketNegotiationError(400, "the request target must be a path")
+    target = _origin_form(target_bytes.decode("ascii"))
+    version = "HTTP/1.1" if version_bytes == b"HTTP/1.1" else "HTTP/1.0"
     raw_headers = head[first_line_end + 2 :] if first_line_end >= 0 else None
-    request = Request(method, target, Headers(fields), version="HTTP/1.1", raw_headers=raw_headers)
+    request = Request(method, target, Headers(fields), version=version, raw_headers=raw_headers)
     return request, end + len(_END_OF_HEAD)
+
+
+#: RFC 9112 §3.2.2: the absolute form, ``http://host[:port]/path?query``.
+_ABSOLUTE_FORM = re.compile(r"(?:https?|wss?)://[^/?#]+(.*)", re.IGNORECASE)
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of a request target in origin or absolute form.
+
+    A server MUST accept the absolute form (RFC 9112 §3.2.2); its authority
+    is ignored here (the ``Host`` header is what a hook reads).
+    """
+    if target.startswith("/"):
+        return target
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise WebSocketNegotiationError(400, "the request target must be a path or an absolute URI")
+    rest = match.group(1)
+    if not rest:
+        return "/"
+    if rest.startswith("?"):
+        return "/" + rest
+    if not rest.startswith("/"):
+        raise WebSocketNegotiationError(400, "malformed absolute request target")
+    return rest
 
 
 def check_header(name: str, value: str) -> None:
@@ -350,6 +414,12 @@ def error_response(error: WebSocketNegotiationError, *, server: str | None = Non
     return encode_response(int(error.status), headers, error.body)
 
 
+def without_body(response: bytes) -> bytes:
+    """The head of an encoded response: what answers a ``HEAD`` request (RFC 9110 §9.3.2)."""
+    end = response.find(_END_OF_HEAD)
+    return response if end < 0 else response[: end + len(_END_OF_HEAD)]
+
+
 def json_response(status: int, payload: Any) -> bytes:
     """A small JSON response (the health path), closing the connection."""
     import json
@@ -359,6 +429,21 @@ def json_response(status: int, payload: Any) -> bytes:
         status,
         [
             ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ],
+        body,
+    )
+
+
+def text_response(status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    """A small text response (the metrics path), closing the connection."""
+    body = text.encode()
+    return encode_response(
+        status,
+        [
+            ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
             ("Connection", "close"),

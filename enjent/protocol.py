@@ -94,6 +94,11 @@ _OPCODE_PING = Opcode.PING.value
 _OPCODE_PONG = Opcode.PONG.value
 
 
+def _deflate_bound(size: int) -> int:
+    """The most bytes deflate may take for ``size`` bytes (zlib's compressBound, with room)."""
+    return size + (size >> 12) + (size >> 14) + (size >> 25) + 64
+
+
 def _decode_text(payload: bytes) -> str:
     """A whole text message (RFC 6455 §8.1): invalid UTF-8 fails with 1007."""
     try:
@@ -267,7 +272,16 @@ class ServerProtocol:
                         compressed = True
                 else:
                     raise ProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
-                if self._frag_size + length > max_size:
+                if compressed:
+                    # the limit is on the message once inflated (checked as it
+                    # inflates); on the wire, a message of max_size may take a
+                    # little more than max_size bytes when it does not compress
+                    if length > _deflate_bound(max_size):
+                        raise ProtocolError(
+                            CloseCode.MESSAGE_TOO_BIG,
+                            f"compressed frame over the limit of {max_size} bytes",
+                        )
+                elif self._frag_size + length > max_size:
                     raise ProtocolError(
                         CloseCode.MESSAGE_TOO_BIG,
                         f"message over the limit of {max_size} bytes",
@@ -447,11 +461,19 @@ class ServerProtocol:
         return text
 
     def _receive_close(self, payload: bytes) -> Close:
-        """The peer's close frame (RFC 6455 §5.5.1): echo its code, then close."""
+        """The peer's close frame (RFC 6455 §5.5.1): echo it, then close.
+
+        The reply carries the peer's code and reason back unchanged (as
+        websockets does): a client that logs our close frame sees what it
+        sent, and the reason was validated UTF-8 of at most 123 bytes.
+        """
         code, reason = parse_close_payload(payload)
         if self.state is State.OPEN:
-            reply = None if code == CloseCode.NO_STATUS_RCVD else code
-            self._close_frame = encode_frame(_OPCODE_CLOSE, encode_close_payload(reply))
+            if code == CloseCode.NO_STATUS_RCVD:
+                reply = encode_close_payload(None)
+            else:
+                reply = encode_close_payload(code, reason)
+            self._close_frame = encode_frame(_OPCODE_CLOSE, reply)
         self.state = State.CLOSED
         self.close_code = code
         self.close_reason = reason

@@ -18,7 +18,7 @@ import os
 import secrets
 import signal
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,14 +34,15 @@ from .handshake import (
     select_subprotocol,
     validate_upgrade,
 )
-from .http11 import Headers, Request, encode_response, json_response
+from .http11 import Headers, Request, encode_response, json_response, text_response
+from .metrics import METRICS_CONTENT_TYPE, WorkerSample, render_metrics
 from .protocol import State
 from .rooms import Room
 
 if TYPE_CHECKING:
     from .cluster import ClusterClient
 
-__all__ = ["Accept", "Response", "WebSocketServer"]
+__all__ = ["Accept", "AppServesOnImport", "Response", "WebSocketServer"]
 
 logger = logging.getLogger("enjent.server")
 
@@ -144,6 +145,117 @@ class OutgoingMessage:
         return frame
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _ping_interval(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be positive, or None to disable keepalive, got {value!r}")
+    return float(value)
+
+
+def _http_path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{name} must be a path starting with '/', or None, got {value!r}")
+    return value
+
+
+def _optional_str(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a str or None, got {value!r}")
+    return value
+
+
+def _client_class(name: str, value: Any) -> type[WebSocketClient]:
+    if not isinstance(value, type) or not issubclass(value, WebSocketClient):
+        raise TypeError("client_class must be a subclass of WebSocketClient")
+    return value
+
+
+def _client_factory(name: str, value: Any) -> Callable[[Request], WebSocketClient] | None:
+    if value is not None and not callable(value):
+        raise TypeError("client_factory must be a callable taking the Request, or None")
+    return value  # type: ignore[no-any-return]
+
+
+def _compression(name: str, value: Any) -> DeflateOptions | None:
+    if value == "deflate":
+        return DeflateOptions()
+    if value is None or isinstance(value, DeflateOptions):
+        return value
+    raise ValueError(f"compression must be 'deflate', None or a DeflateOptions, got {value!r}")
+
+
+def _subprotocols(name: str, value: Any) -> list[str]:
+    if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"subprotocols must be a sequence of str, got {value!r}")
+    return list(value)
+
+
+def _allowed_origins(name: str, value: Any) -> set[str | None] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(item is None or isinstance(item, str) for item in value):
+        raise ValueError(
+            f"allowed_origins must be None or a list of origins (None in it: no Origin), "
+            f"got {value!r}"
+        )
+    return set(value)
+
+
+def _trusted_proxies(name: str, value: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    if isinstance(value, str):
+        raise ValueError("trusted_proxies is a list of addresses or networks, not one str")
+    try:
+        return [ipaddress.ip_network(item, strict=False) for item in value]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"trusted_proxies: {exc}") from None
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+#: Every option of WebSocketServer and the check that normalizes its value.
+_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "subprotocols": _subprotocols,
+    "allowed_origins": _allowed_origins,
+    "health_path": _http_path,
+    "metrics_path": _http_path,
+    "trusted_proxies": _trusted_proxies,
+    "client_class": _client_class,
+    "client_factory": _client_factory,
+    "server_header": _optional_str,
+    "access_log": _flag,
+    "compression": _compression,
+    "max_message_size": _positive_int,
+    "max_connections": _positive_int,
+    "write_limit": _positive_int,
+    "max_request_size": _positive_int,
+    "max_request_line": _positive_int,
+    "handshake_timeout": _positive_seconds,
+    "ping_interval": _ping_interval,
+    "ping_timeout": _positive_seconds,
+    "close_timeout": _positive_seconds,
+    "sweep_interval": _positive_seconds,
+}
+
+
 class WebSocketServer:
     """A WebSocket server: register handlers, then ``run`` or ``start`` it.
 
@@ -179,16 +291,40 @@ class WebSocketServer:
     bounded by about ``write_limit`` plus one message.
     """
 
+    # declared here, set (validated) by configure()
+    compression: DeflateOptions | None
+    subprotocols: list[str]
+    allowed_origins: set[str | None] | None
+    health_path: str | None
+    metrics_path: str | None
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    client_class: type[WebSocketClient]
+    client_factory: Callable[[Request], WebSocketClient] | None
+    server_header: str | None
+    access_log: bool
+    max_message_size: int
+    max_connections: int
+    write_limit: int
+    max_request_size: int
+    max_request_line: int
+    handshake_timeout: float
+    ping_interval: float | None
+    ping_timeout: float
+    close_timeout: float
+    sweep_interval: float
+
     def __init__(
         self,
         *,
         subprotocols: Sequence[str] = (),
-        allowed_origins: Iterable[str] | None = None,
+        allowed_origins: Iterable[str | None] | None = None,
         health_path: str | None = "/healthz",
+        metrics_path: str | None = "/metrics",
         trusted_proxies: Iterable[str] = (),
         client_class: type[WebSocketClient] = WebSocketClient,
         client_factory: Callable[[Request], WebSocketClient] | None = None,
         server_header: str | None = "enjent",
+        access_log: bool = False,
         compression: str | DeflateOptions | None = "deflate",
         max_message_size: int = 1 << 20,
         max_connections: int = 25_000,
@@ -201,53 +337,28 @@ class WebSocketServer:
         close_timeout: float = 5.0,
         sweep_interval: float = 1.0,
     ) -> None:
-        for name, value in (
-            ("max_message_size", max_message_size),
-            ("max_connections", max_connections),
-            ("write_limit", write_limit),
-            ("max_request_size", max_request_size),
-            ("max_request_line", max_request_line),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, seconds in (
-            ("handshake_timeout", handshake_timeout),
-            ("ping_timeout", ping_timeout),
-            ("close_timeout", close_timeout),
-            ("sweep_interval", sweep_interval),
-        ):
-            if seconds <= 0:
-                raise ValueError(f"{name} must be positive, got {seconds!r}")
-        if ping_interval is not None and ping_interval <= 0:
-            raise ValueError("ping_interval must be positive, or None to disable keepalive")
-        if not issubclass(client_class, WebSocketClient):
-            raise TypeError("client_class must be a subclass of WebSocketClient")
-        if compression == "deflate":
-            compression = DeflateOptions()
-        elif compression is not None and not isinstance(compression, DeflateOptions):
-            raise ValueError(
-                f"compression must be 'deflate', None or a DeflateOptions, got {compression!r}"
-            )
-        #: permessage-deflate settings (RFC 7692), or ``None`` when off.
-        self.compression: DeflateOptions | None = compression
-        self.subprotocols = list(subprotocols)
-        self.allowed_origins = None if allowed_origins is None else set(allowed_origins)
-        self.health_path = health_path
-        self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
-        self.client_class = client_class
-        self.client_factory = client_factory
-        self.server_header = server_header
-        self.max_message_size = max_message_size
-        self.max_connections = max_connections
-        self.write_limit = write_limit
-        self.max_request_size = max_request_size
-        self.max_request_line = max_request_line
-        self.handshake_timeout = handshake_timeout
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.close_timeout = close_timeout
-        self.sweep_interval = sweep_interval
-
+        self.configure(
+            subprotocols=subprotocols,
+            allowed_origins=allowed_origins,
+            health_path=health_path,
+            metrics_path=metrics_path,
+            trusted_proxies=trusted_proxies,
+            client_class=client_class,
+            client_factory=client_factory,
+            server_header=server_header,
+            access_log=access_log,
+            compression=compression,
+            max_message_size=max_message_size,
+            max_connections=max_connections,
+            write_limit=write_limit,
+            max_request_size=max_request_size,
+            max_request_line=max_request_line,
+            handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            sweep_interval=sweep_interval,
+        )
         self._connect_handlers: list[Callable[..., Any]] = []
         self._message_handlers: list[Callable[..., Any]] = []
         self._single_message_handler: Callable[..., Any] | None = None
@@ -281,9 +392,29 @@ class WebSocketServer:
                 "protocol_errors",
                 "slow_consumers_closed",
                 "handler_errors",
+                "http_responses",
+                "messages_received",
+                "messages_sent",
+                "bytes_received",
+                "bytes_sent",
             ),
             0,
         )
+
+    def configure(self, **options: Any) -> None:
+        """Change options by name, with the checks of the constructor.
+
+        What ``enjent run`` uses to apply the command line and ``ENJENT_*``
+        over the app's own values. Connections opened afterwards see the new
+        values; limits of connections already open stay as they were.
+        Raises ``TypeError`` for an unknown option and ``ValueError`` for a
+        bad value.
+        """
+        unknown = sorted(set(options) - _OPTION_CHECKS.keys())
+        if unknown:
+            raise TypeError(f"unknown WebSocketServer option(s): {', '.join(unknown)}")
+        for name, value in options.items():
+            setattr(self, name, _OPTION_CHECKS[name](name, value))
 
     # ------------------------------------------------------------ handlers
 
@@ -399,8 +530,12 @@ class WebSocketServer:
     ) -> tuple[bytes, WebSocketClient | None, PerMessageDeflate | None]:
         """Decide on a parsed request: a 101 and a new client, or an HTTP answer."""
         upgrade = is_upgrade_request(request)
-        if not upgrade and self.health_path is not None and request.path == self.health_path:
-            return json_response(200, self.health()), None, None
+        if not upgrade:
+            path = request.path
+            if path == self.health_path:
+                return json_response(200, self.health()), None, None
+            if path == self.metrics_path:
+                return text_response(200, self.metrics(), METRICS_CONTENT_TYPE), None, None
         if upgrade and len(self._clients) >= self.max_connections:
             raise WebSocketNegotiationError(
                 503, "server full (max_connections)", headers=[("Retry-After", "5")]
@@ -408,6 +543,10 @@ class WebSocketServer:
         if upgrade and self.allowed_origins is not None:
             origin = request.headers.get("Origin")
             if origin not in self.allowed_origins:
+                if origin is None:
+                    raise WebSocketNegotiationError(
+                        403, "a request without Origin is not allowed here"
+                    )
                 raise WebSocketNegotiationError(403, f"origin {origin!r} not allowed")
         accept = Accept()
         for hook in self._handshake_hooks:
@@ -612,15 +751,15 @@ class WebSocketServer:
             members |= self._rooms.get(name, set())
         return self._write_all(members, frame, exclude)
 
-    @staticmethod
     def _write_all(
-        clients: Iterable[WebSocketClient], frame: bytes, exclude: WebSocketClient | None
+        self, clients: Iterable[WebSocketClient], frame: bytes, exclude: WebSocketClient | None
     ) -> int:
         """Write one encoded frame to many clients; returns how many took it."""
         count = 0
         message: OutgoingMessage | None = None
         # no copy of ``clients``: nothing below runs a handler or removes a
         # client synchronously (transports report losses on a later tick)
+        sent_bytes = 0
         for client in clients:
             if client is exclude:
                 continue
@@ -635,14 +774,23 @@ class WebSocketServer:
                     else:
                         connection.transport.write(frame)  # type: ignore[union-attr]
                     count += 1
+                    sent_bytes += len(frame)
                     continue
                 sent = connection.send_frame(frame)
+                written = len(frame)
             else:
                 if message is None:
                     message = OutgoingMessage(frame)
-                sent = connection.send_frame(message.frame_for(extension))  # type: ignore[arg-type]
+                compressed = message.frame_for(extension)  # type: ignore[arg-type]
+                sent = connection.send_frame(compressed)
+                written = len(compressed)
             if sent:
                 count += 1
+                sent_bytes += written
+        if count:
+            stats = self.stats
+            stats["messages_sent"] += count
+            stats["bytes_sent"] += sent_bytes
         return count
 
     # ------------------------------------------------------------- health
@@ -657,6 +805,18 @@ class WebSocketServer:
             "workers": [{"shard": self.shard, "pid": os.getpid(), "clients": len(self._clients)}],
             "stats": dict(self.stats),
         }
+
+    def metrics(self) -> str:
+        """What the metrics path answers: Prometheus text, per worker and summed.
+
+        On a cluster the other workers' figures come from their heartbeats
+        (at most a heartbeat interval old).
+        """
+        if self.cluster is not None:
+            samples = self.cluster.metrics_samples()
+        else:
+            samples = [WorkerSample(self.shard, len(self._clients), dict(self.stats))]
+        return render_metrics(samples)
 
     # -------------------------------------------------------------- sweep
 
@@ -724,6 +884,7 @@ class WebSocketServer:
         """Listen on ``host:port`` and serve until :meth:`stop`."""
         if self._listener is not None:
             raise WebSocketServerError("this server is already started")
+        _refuse_while_importing("start()")
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._now = loop.time()
@@ -747,7 +908,7 @@ class WebSocketServer:
                 f"cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from exc
         self._sweeper = loop.create_task(self._sweep_forever())
-        logger.info("listening on %s", ", ".join(str(s.getsockname()) for s in self.sockets))
+        logger.debug("listening on %s", ", ".join(str(s.getsockname()) for s in self.sockets))
 
     @property
     def sockets(self) -> list[Any]:
@@ -830,6 +991,17 @@ class WebSocketServer:
         """
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
+        _refuse_while_importing("run()")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise WebSocketServerError(
+                "server.run() blocks, so it cannot be called inside a running event loop: "
+                "use `await server.start(host, port)` or `async with server.serve(host, port):`"
+            )
+        configure_default_logging()
         if workers > 1:
             # the supervisor is layer 4: imported only when asked for
             arbiter = importlib.import_module("enjent_supervisor.arbiter")
@@ -846,14 +1018,77 @@ class WebSocketServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        # one process cannot replace itself without dropping its clients:
+        # SIGHUP (systemd's reload) is logged and ignored, never fatal
+        loop.add_signal_handler(signal.SIGHUP, _ignore_hangup)
         try:
             await self.start(host, port, ssl=ssl, **kwargs)
+            scheme = "ws" if ssl is None else "wss"
+            logger.info(
+                "serving on %s (1 worker, pid %d; Ctrl-C or SIGTERM stops)",
+                ", ".join(_url(scheme, sock) for sock in self.sockets),
+                os.getpid(),
+            )
             await stop.wait()
             logger.info("signal received, stopping")
             await self.stop()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+
+def _ignore_hangup() -> None:
+    logger.warning(
+        "SIGHUP ignored: a single process cannot reload without dropping its clients; "
+        "run with workers > 1 (enjent run --workers N) to replace workers on SIGHUP"
+    )
+
+
+def _url(scheme: str, sock: Any) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+#: Set by ``enjent run`` while it imports the app (see :func:`importing_app`).
+_importing_app: str | None = None
+
+
+@contextlib.contextmanager
+def importing_app(spec: str) -> Iterator[None]:
+    """While the app ``spec`` is imported, refuse to start serving.
+
+    An app module that calls ``server.run()`` at import time would serve
+    inside ``enjent run`` itself, before the supervisor starts; the call
+    raises :class:`AppServesOnImport` instead.
+    """
+    global _importing_app
+    previous, _importing_app = _importing_app, spec
+    try:
+        yield
+    finally:
+        _importing_app = previous
+
+
+class AppServesOnImport(WebSocketServerError):
+    """The app started serving while ``enjent run`` imported it."""
+
+
+def _refuse_while_importing(call: str) -> None:
+    if _importing_app is not None:
+        module = _importing_app.partition(":")[0]
+        raise AppServesOnImport(
+            f"{module} calls server.{call} while `enjent run` imports it: "
+            f'put that call under `if __name__ == "__main__":`'
+        )
+
+
+def configure_default_logging() -> None:
+    """Log INFO to stderr, only if the application configured no logging itself."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
 
 
 def run_event_loop(main: Awaitable[Any]) -> Any:

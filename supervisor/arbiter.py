@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["APP_LOAD_ERROR", "USAGE_ERROR", "WORKER_BOOT_ERROR", "Arbiter", "run_cluster"]
 
 logger = logging.getLogger("enjent.supervisor")
+#: sun_path of a Unix socket holds 108 bytes on Linux, the final NUL included
+_MAX_IPC_PATH = 107
 
 USAGE_ERROR = 2
 _SIGNALS = (
@@ -80,9 +82,13 @@ class Arbiter:
         workers: int,
         ssl: ssl_module.SSLContext | None = None,
         close_timeout: float = 5.0,
+        runtime_dir: str | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        #: where the private directory of the bus's ipc:// sockets is made
+        #: (``None``: the system's temporary directory)
+        self.runtime_parent = runtime_dir
         self.load_app = load_app
         self.host = host
         self.port = port
@@ -112,7 +118,25 @@ class Arbiter:
         except OSError as exc:
             logger.error("cannot listen on %s:%s: %s", self.host, self.port, exc.strerror or exc)
             return WORKER_BOOT_ERROR
-        self.runtime_dir = tempfile.mkdtemp(prefix="enjent-")  # mode 0700
+        try:
+            self.runtime_dir = tempfile.mkdtemp(prefix="enjent-", dir=self.runtime_parent)  # 0700
+        except OSError as exc:
+            logger.error(
+                "cannot create the runtime directory in %s: %s",
+                self.runtime_parent or tempfile.gettempdir(),
+                exc.strerror or exc,
+            )
+            return WORKER_BOOT_ERROR
+        if len(self.runtime_dir) + len("/bus-out") > _MAX_IPC_PATH:
+            logger.error(
+                "the runtime directory %s is too long for ipc:// sockets (at most %d bytes): "
+                "choose a shorter --runtime-dir",
+                self.runtime_dir,
+                _MAX_IPC_PATH - len("/bus-out"),
+            )
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime_dir = ""
+            return WORKER_BOOT_ERROR
         self.publish_endpoint = f"ipc://{self.runtime_dir}/bus-in"
         self.subscribe_endpoint = f"ipc://{self.runtime_dir}/bus-out"
         self._install_signals()
@@ -124,9 +148,10 @@ class Arbiter:
             self._spawn_broker()
             self._maintain()
             logger.info(
-                "supervisor %d: %d workers on %s:%d",
+                "supervisor (pid %d): %d workers serving on %s://%s:%d",
                 os.getpid(),
                 self.num_workers,
+                "ws" if self.ssl is None else "wss",
                 self.host,
                 self.port,
             )

@@ -1,10 +1,12 @@
 """The ``enjent`` command line: ``enjent run MODULE:ATTR``.
 
-Supervisor layer (layer 4). Every option can also come from an ``ENJENT_*``
-environment variable (the command line wins). ``ATTR`` names a
-``WebSocketServer`` or a function that returns one. With ``--workers 1``
+Supervisor layer. Every option can also come from an ``ENJENT_*``
+environment variable; the command line wins over the environment, and both
+win over the values the app gives ``WebSocketServer(...)``. ``ATTR`` names
+a ``WebSocketServer`` or a function that returns one. With ``--workers 1``
 the app runs in this process; with more, under the supervisor, and each
 worker imports the module afresh (so SIGHUP picks up new code).
+``python -m enjent`` and ``python -m enjent_supervisor`` are this command.
 """
 
 from __future__ import annotations
@@ -15,88 +17,324 @@ import logging
 import os
 import ssl
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from .arbiter import APP_LOAD_ERROR, USAGE_ERROR, Arbiter
+from .arbiter import APP_LOAD_ERROR, USAGE_ERROR, WORKER_BOOT_ERROR, Arbiter
 
 logger = logging.getLogger("enjent.cli")
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"ENJENT_{name}", default)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _env_int(name: str, default: int) -> int:
-    value = _env(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        print(f"enjent: error: ENJENT_{name} must be an integer, got {value!r}", file=sys.stderr)
-        raise SystemExit(USAGE_ERROR) from None
+#: The value of an override that neither the command line nor the environment gave.
+NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "NOT_GIVEN"})()
+
+
+class SettingError(ValueError):
+    """An option or ``ENJENT_*`` value that cannot be used (a usage error, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``enjent run`` option: its flag, environment variable and conversion."""
+
+    dest: str
+    flags: tuple[str, ...]
+    help: str
+    convert: Callable[[str], Any] = str
+    default: Any = None
+    metavar: str | None = None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number of seconds >= 0")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+def _compression(text: str) -> str | None:
+    if text == "deflate":
+        return "deflate"
+    if text == "none":
+        return None
+    raise ValueError("must be deflate or none")
+
+
+def _path_or_off(text: str) -> str | None:
+    if text in ("", "none", "off"):
+        return None
+    if not text.startswith("/"):
+        raise ValueError("must start with '/' (or be 'none' to turn it off)")
+    return text
+
+
+def _address_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+#: The options of ``enjent run`` besides MODULE:ATTR, in ``--help`` order.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", ("--host",), "address to listen on (default 127.0.0.1)", str, "127.0.0.1"),
+    Setting("port", ("--port",), "port to listen on (default 13003)", _port, 13003),
+    Setting(
+        "workers",
+        ("--workers",),
+        "worker processes (default: the number of CPUs; 1: serve in this process, no fork)",
+        _positive_int,
+        os.cpu_count() or 1,
+    ),
+    Setting(
+        "log_level",
+        ("--log-level",),
+        f"one of {', '.join(LOG_LEVELS)} (default info)",
+        _log_level,
+        "INFO",
+        "LEVEL",
+    ),
+    Setting(
+        "app_dir",
+        ("--app-dir",),
+        "directory put first on sys.path to import the app (default: the current one)",
+        str,
+        ".",
+    ),
+    Setting(
+        "ssl_certfile",
+        ("--ssl-certfile",),
+        "serve wss:// with this PEM certificate chain",
+        str,
+        None,
+        "FILE",
+    ),
+    Setting(
+        "ssl_keyfile",
+        ("--ssl-keyfile",),
+        "the certificate's private key, if not in the certfile",
+        str,
+        None,
+        "FILE",
+    ),
+    Setting(
+        "runtime_dir",
+        ("--runtime-dir",),
+        "where the supervisor makes the private "
+        "directory of the bus's ipc:// sockets (default: the system's temporary directory)",
+        str,
+        None,
+        "DIR",
+    ),
+    Setting(
+        "access_log",
+        ("--access-log",),
+        "log one line per handshake on the enjent.access "
+        "logger (--no-access-log: off, the default)",
+        _flag,
+        NOT_GIVEN,
+    ),
+    Setting(
+        "trusted_proxies",
+        ("--trusted-proxies",),
+        "comma-separated addresses or networks "
+        "whose X-Forwarded-For / X-Real-Ip is believed (e.g. 127.0.0.1)",
+        _address_list,
+        NOT_GIVEN,
+        "LIST",
+    ),
+    Setting(
+        "max_message_size",
+        ("--max-message-size",),
+        "largest message accepted, in bytes after decompression (close 1009 above it)",
+        _positive_int,
+        NOT_GIVEN,
+        "BYTES",
+    ),
+    Setting(
+        "ping_interval",
+        ("--ping-interval",),
+        "keepalive ping after this many idle seconds; 0 turns keepalive off",
+        _seconds,
+        NOT_GIVEN,
+        "SECONDS",
+    ),
+    Setting(
+        "ping_timeout",
+        ("--ping-timeout",),
+        "close 1011 when no pong comes within this many seconds",
+        _seconds,
+        NOT_GIVEN,
+        "SECONDS",
+    ),
+    Setting(
+        "compression",
+        ("--compression",),
+        "permessage-deflate: deflate or none",
+        _compression,
+        NOT_GIVEN,
+        "{deflate,none}",
+    ),
+    Setting(
+        "health_path",
+        ("--health-path",),
+        "path of the JSON health answer; none turns it off",
+        _path_or_off,
+        NOT_GIVEN,
+        "PATH",
+    ),
+    Setting(
+        "metrics_path",
+        ("--metrics-path",),
+        "path of the Prometheus metrics; none turns it off",
+        _path_or_off,
+        NOT_GIVEN,
+        "PATH",
+    ),
+)
+
+#: Settings that override the app's WebSocketServer options when given.
+SERVER_OVERRIDES = (
+    "access_log",
+    "trusted_proxies",
+    "max_message_size",
+    "ping_interval",
+    "ping_timeout",
+    "compression",
+    "health_path",
+    "metrics_path",
+)
+
+
+def _env_name(setting: Setting) -> str:
+    return "ENJENT_" + setting.dest.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enjent",
         description="Enjent WebSocket server: run an app on one process or one worker per core.",
+        epilog="Exit codes: 0 stopped by a signal, 1 unexpected error, 2 usage error, "
+        "3 a worker could not boot (e.g. the address is in use), 4 the app could not be loaded.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = commands.add_parser(
         "run",
         help="serve an app",
-        description="Serve the WebSocketServer named by MODULE:ATTR. "
-        "Options default to ENJENT_APP, ENJENT_HOST, ENJENT_PORT, ENJENT_WORKERS, "
-        "ENJENT_LOG_LEVEL and ENJENT_APP_DIR.",
+        description="Serve the WebSocketServer named by MODULE:ATTR. Every option also comes "
+        "from the environment variable named after it (ENJENT_APP, ENJENT_HOST, ENJENT_PORT, "
+        "ENJENT_WORKERS, ENJENT_LOG_LEVEL, ENJENT_APP_DIR, ENJENT_MAX_MESSAGE_SIZE, ...); the "
+        "command line wins over the environment, and both over the app's own values.",
     )
     run.add_argument(
         "app",
         nargs="?",
-        default=_env("APP"),
-        help="MODULE:ATTR, ATTR a WebSocketServer or a function returning one (ENJENT_APP)",
+        default=None,
+        metavar="MODULE:ATTR",
+        help="ATTR a WebSocketServer or a function returning one (ENJENT_APP)",
     )
-    run.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="default 127.0.0.1")
-    run.add_argument("--port", type=int, default=_env_int("PORT", 13003), help="default 13003")
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=_env_int("WORKERS", os.cpu_count() or 1),
-        help="worker processes (default: the number of CPUs; 1: no fork)",
-    )
-    run.add_argument(
-        "--log-level",
-        default=_env("LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
-        help="default INFO",
-    )
-    run.add_argument(
-        "--app-dir",
-        default=_env("APP_DIR", "."),
-        help="directory put first on sys.path to import the app (default: the current one)",
-    )
-    run.add_argument(
-        "--ssl-certfile",
-        default=_env("SSL_CERTFILE"),
-        help="serve wss:// with this PEM certificate chain (ENJENT_SSL_CERTFILE)",
-    )
-    run.add_argument(
-        "--ssl-keyfile",
-        default=_env("SSL_KEYFILE"),
-        help="the certificate's private key, if not in the certfile (ENJENT_SSL_KEYFILE)",
-    )
+    for setting in SETTINGS:
+        text = f"{setting.help} ({_env_name(setting)})"
+        if setting.dest == "access_log":
+            run.add_argument(
+                "--access-log",
+                dest="access_log",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+            continue
+        run.add_argument(
+            *setting.flags, dest=setting.dest, default=None, metavar=setting.metavar, help=text
+        )
     return parser
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every setting's value: the command line, else ``ENJENT_*``, else the default."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.dest)
+        source = f"{setting.flags[0]}"
+        if raw is None:
+            env = os.environ.get(_env_name(setting))
+            if env is None:
+                values[setting.dest] = setting.default
+                continue
+            raw, source = env, _env_name(setting)
+        if isinstance(raw, bool):  # --access-log / --no-access-log
+            values[setting.dest] = raw
+            continue
+        try:
+            values[setting.dest] = setting.convert(raw)
+        except ValueError as exc:
+            detail = str(exc) if setting.convert is not int else "must be an integer"
+            if "invalid literal" in detail or "could not convert" in detail:
+                detail = "must be a number"
+            raise SettingError(f"{source} {detail}, got {raw!r}") from None
+    return values
+
+
+def server_overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """The WebSocketServer options the command line or environment set."""
+    overrides: dict[str, Any] = {}
+    for name in SERVER_OVERRIDES:
+        value = values[name]
+        if value is NOT_GIVEN:
+            continue
+        if name == "ping_interval" and value == 0:
+            value = None
+        overrides[name] = value
+    return overrides
 
 
 def _ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
     """A server TLS context for native wss://, or ``None`` without a certificate."""
     if certfile is None:
         if keyfile is not None:
-            raise ValueError("--ssl-keyfile needs --ssl-certfile")
+            raise SettingError("--ssl-keyfile needs --ssl-certfile")
         return None
+    for label, path in (("certificate", certfile), ("key", keyfile)):
+        if path is not None and not os.path.isfile(path):
+            raise SettingError(f"the TLS {label} file {path} does not exist")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile, keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        files = certfile if keyfile is None else f"{certfile} with the key {keyfile}"
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise SettingError(f"cannot use the TLS certificate {files}: {reason}") from None
     return context
 
 
@@ -106,19 +344,24 @@ class AppSpecError(ValueError):
 
 def _resolve(spec: str, *, fresh: bool) -> object:
     module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
+    if not sep or not module_name or not attribute or " " in spec:
         raise AppSpecError(f"the app must be MODULE:ATTR, got {spec!r}")
     if fresh:
         sys.modules.pop(module_name, None)
-    module = importlib.import_module(module_name)
+    from enjent.server import importing_app
+
+    with importing_app(spec):
+        module = importlib.import_module(module_name)
     value: object = module
     for part in attribute.split("."):
         value = getattr(value, part)
     return value
 
 
-def make_loader(spec: str, *, fresh: bool) -> Callable[[], object]:
-    """A function that imports ``spec`` and returns its WebSocketServer."""
+def make_loader(
+    spec: str, *, fresh: bool, overrides: dict[str, Any] | None = None
+) -> Callable[[], object]:
+    """A function that imports ``spec`` and returns its WebSocketServer, overrides applied."""
     from enjent import WebSocketServer
 
     def load() -> WebSocketServer:
@@ -127,9 +370,23 @@ def make_loader(spec: str, *, fresh: bool) -> Callable[[], object]:
             value = value()
         if not isinstance(value, WebSocketServer):
             raise TypeError(f"{spec} is {type(value).__name__}, not a WebSocketServer")
+        if overrides:
+            value.configure(**overrides)
         return value
 
     return load
+
+
+def describe_app_error(exc: BaseException) -> str:
+    """The traceback of an app's failure, without the frames of the import machinery."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<frozen importlib") and frame.filename != __file__
+    ]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines).rstrip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,43 +400,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         parser.print_help()
         return USAGE_ERROR
+    try:
+        values = resolve_settings(args)
+        ssl_context = _ssl_context(values["ssl_certfile"], values["ssl_keyfile"])
+    except SettingError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=values["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not args.app:
+    if values["access_log"] is True:
+        logging.getLogger("enjent.access").setLevel(logging.INFO)
+    app = args.app or os.environ.get("ENJENT_APP")
+    if not app:
         parser.error("run needs MODULE:ATTR (or ENJENT_APP)")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    if not 0 <= args.port <= 65535:
-        parser.error("--port must be between 0 and 65535")
+    overrides = server_overrides(values)
+    sys.path.insert(0, os.path.abspath(values["app_dir"]))
+    from enjent import WebSocketServerError
+    from enjent.server import AppServesOnImport
+
     try:
-        ssl_context = _ssl_context(args.ssl_certfile, args.ssl_keyfile)
-    except (OSError, ValueError, ssl.SSLError) as exc:
-        parser.error(f"cannot use the TLS certificate: {exc}")
-    sys.path.insert(0, os.path.abspath(args.app_dir))
-    try:
-        server = make_loader(args.app, fresh=False)()
+        server: Any = make_loader(app, fresh=False)()
     except AppSpecError as exc:  # a ValueError raised by the app's import is exit code 4
         parser.error(str(exc))
-    except Exception as exc:
-        logger.error("cannot load the app %s: %s: %s", args.app, type(exc).__name__, exc)
+    except AppServesOnImport as exc:
+        logger.error("%s", exc)
         return APP_LOAD_ERROR
-    if args.workers == 1:
-        from enjent import WebSocketServerError
-
+    except Exception as exc:
+        logger.error(
+            "cannot load the app %s: %s: %s\n%s",
+            app,
+            type(exc).__name__,
+            exc,
+            describe_app_error(exc),
+        )
+        return APP_LOAD_ERROR
+    try:
+        server.configure(**overrides)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    if values["workers"] == 1:
         try:
-            server.run(args.host, args.port, ssl=ssl_context)  # type: ignore[attr-defined]
+            server.run(values["host"], values["port"], ssl=ssl_context)
         except WebSocketServerError as exc:
             logger.error("%s", exc)
-            return 3
+            return WORKER_BOOT_ERROR
         return 0
     arbiter = Arbiter(
-        make_loader(args.app, fresh=True),  # type: ignore[arg-type]
-        args.host,
-        args.port,
-        workers=args.workers,
+        make_loader(app, fresh=True, overrides=overrides),  # type: ignore[arg-type]
+        values["host"],
+        values["port"],
+        workers=values["workers"],
         ssl=ssl_context,
-        close_timeout=server.close_timeout,  # type: ignore[attr-defined]
+        close_timeout=server.close_timeout,
+        runtime_dir=values["runtime_dir"],
     )
     return arbiter.run()
 

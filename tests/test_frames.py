@@ -426,4 +426,5 @@ def test_round_trip_close(code: int, reason: str, mask: bytes) -> None:
     assert reason.startswith(parsed_reason)
     events, protocol = feed(client_frame(Opcode.CLOSE, payload, mask=mask))
     assert events == [Close(code, parsed_reason)]
-    assert protocol.data_to_send() == encode_frame(Opcode.CLOSE, code.to_bytes(2, "big"))
+    # echoed: the peer's code and (validated) reason
+    assert protocol.data_to_send() == encode_frame(Opcode.CLOSE, payload)

@@ -7,6 +7,7 @@ request, and response serialization that refuses header injection.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -94,7 +95,7 @@ def test_bytes_arriving_one_at_a_time() -> None:
     assert all(result is None for result in results[:-1])
     final = results[-1]
     assert final is not None
-    assert final[0].headers.items() == parse(UPGRADE).headers.items()
+    assert final[0].headers.multi_items() == parse(UPGRADE).headers.multi_items()
 
 
 def test_path_is_percent_decoded_without_the_query() -> None:
@@ -133,7 +134,7 @@ def test_headers_are_case_insensitive_and_repeated_headers_kept() -> None:
     assert headers["empty"] == ""
     assert list(headers) == ["Host", "X-Tag", "Empty"]
     assert len(headers) == 3
-    assert headers.items()[1:4] == [("X-Tag", "one"), ("x-tag", "two"), ("X-TAG", "three")]
+    assert headers.multi_items()[1:4] == [("X-Tag", "one"), ("x-tag", "two"), ("X-TAG", "three")]
     with pytest.raises(KeyError):
         headers["missing"]
 
@@ -186,8 +187,10 @@ def test_multidict_basics() -> None:
         "G(T / HTTP/1.1",
         "GET / FTP/1.1",
         "GET /a\x7fb HTTP/1.1",
-        "GET http://host/ HTTP/1.1",
         "GET * HTTP/1.1",
+        "GET http:/host/ HTTP/1.1",
+        "GET ftp://host/ HTTP/1.1",
+        "GET http:// HTTP/1.1",
         "",
     ],
 )
@@ -212,16 +215,69 @@ def test_malformed_header_is_400(header: str) -> None:
     assert refused(request_bytes("Host: h", header)).status == 400
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "HEAD", "OPTIONS", "get"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "OPTIONS", "get", "head"])
 def test_other_methods_are_405_with_allow(method: str) -> None:
     error = refused(request_bytes("Host: h", line=f"{method} / HTTP/1.1"))
     assert error.status == 405
-    assert ("Allow", "GET") in error.headers
+    assert ("Allow", "GET, HEAD") in error.headers
 
 
-@pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/2.0", "HTTP/0.9", "HTTP/1.10"])
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9", "HTTP/1.10"])
 def test_other_versions_are_505(version: str) -> None:
     assert refused(request_bytes("Host: h", line=f"GET / {version}")).status == 505
+
+
+@pytest.mark.parametrize(("method", "version"), [("HEAD", "HTTP/1.1"), ("GET", "HTTP/1.0")])
+def test_head_and_http_1_0_are_parsed(method: str, version: str) -> None:
+    """Load balancers probe with HEAD and with HTTP/1.0 (HAProxy's httpchk)."""
+    request = parse(request_bytes("Host: h", line=f"{method} /healthz {version}"))
+    assert (request.method, request.version, request.path) == (method, version, "/healthz")
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        ("http://example.com/chat?room=1", "/chat", "room=1"),
+        ("ws://example.com:8080/a/b", "/a/b", ""),
+        ("HTTPS://example.com", "/", ""),
+        ("http://example.com?x=1", "/", "x=1"),
+    ],
+)
+def test_absolute_form_is_accepted(target: str, path: str, query: str) -> None:
+    """RFC 9112 §3.2.2: a server MUST accept the absolute form of the target."""
+    request = parse(request_bytes("Host: example.com", line=f"GET {target} HTTP/1.1"))
+    assert (request.path, request.query_string) == (path, query)
+    assert request.target.startswith("/")
+
+
+def test_empty_lines_before_the_request_line_are_ignored() -> None:
+    """RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request."""
+    assert parse(b"\r\n\r\n" + request_bytes("Host: h")).path == "/"
+    assert parse_request(b"\r\n") is None  # still waiting for the request line
+    rest = b"\r\n" + request_bytes("Host: h") + b"after"
+    parsed = parse_request(rest)
+    assert parsed is not None and rest[parsed[1] :] == b"after"
+    with pytest.raises(WebSocketNegotiationError) as info:
+        parse_request(b"\r\n" * 200, max_request_size=100)
+    assert info.value.status == 431
+
+
+def test_request_query_and_headers_are_mappings() -> None:
+    """dict(request.query) and dict(request.headers) work, with first values."""
+    request = parse(
+        request_bytes("Host: h", "X-Tag: one", "x-tag: two", line="GET /?a=1&b=2&a=3 HTTP/1.1")
+    )
+    assert isinstance(request.query, Mapping) and isinstance(request.headers, Mapping)
+    assert dict(request.query) == {"a": "1", "b": "2"}
+    assert list(request.query.keys()) == ["a", "b"]
+    assert list(request.query.values()) == ["1", "2"]
+    assert list(request.query.items()) == [("a", "1"), ("b", "2")]
+    assert request.query.get_all("a") == ["1", "3"]
+    assert request.query.multi_items() == [("a", "1"), ("b", "2"), ("a", "3")]
+    headers = dict(request.headers)
+    assert headers == {"Host": "h", "X-Tag": "one"}
+    assert request.headers["X-TAG"] == "one" and request.headers.get_all("x-tag") == ["one", "two"]
+    assert request.headers.get("missing", "default") == "default"
 
 
 def test_request_line_too_long_is_414() -> None:
@@ -334,7 +390,7 @@ def parse_incrementally(chunks: list[bytes], **limits: int) -> object:
             request, consumed = result
             assert 0 < consumed <= len(buffer)
             assert isinstance(request, Request)
-            return (request.target, request.headers.items(), consumed)
+            return (request.target, request.headers.multi_items(), consumed)
     return None
 
 

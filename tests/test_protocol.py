@@ -217,7 +217,8 @@ def test_peer_close_is_echoed(code: int) -> None:
     assert protocol.state is State.CLOSED
     assert protocol.is_closed()
     assert (protocol.close_code, protocol.close_reason) == (code, "bye")
-    assert server_frames(protocol.data_to_send()) == [close_frame(code)]
+    # the reply echoes the peer's code and reason (as websockets does)
+    assert server_frames(protocol.data_to_send()) == [close_frame(code, "bye")]
 
 
 def test_empty_close_gives_1005_and_an_empty_reply() -> None:
@@ -407,7 +408,7 @@ def test_stream_all_at_once() -> None:
     assert events == STREAM_EVENTS
     assert server_frames(protocol.data_to_send()) == [
         (Opcode.PONG, b"in the middle"),
-        close_frame(1000),
+        close_frame(1000, "done"),
     ]
 
 
@@ -416,7 +417,7 @@ def test_stream_byte_by_byte() -> None:
     assert events == STREAM_EVENTS
     assert server_frames(protocol.data_to_send()) == [
         (Opcode.PONG, b"in the middle"),
-        close_frame(1000),
+        close_frame(1000, "done"),
     ]
 
 
