@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from enjent_supervisor import cli
 
 pytestmark = pytest.mark.timeout(60)
 
-ENJENT = shutil.which("enjent")
+#: The console script installed with the interpreter that runs the tests (never
+#: one found on PATH: the README's commands run without an activated venv).
+SCRIPT = Path(sysconfig.get_path("scripts")) / "enjent"
+ENJENT = str(SCRIPT) if SCRIPT.is_file() and os.access(SCRIPT, os.X_OK) else None
 
 
 def enjent(
@@ -33,7 +37,9 @@ def enjent(
 
 
 def test_console_script_is_installed() -> None:
-    assert ENJENT is not None, "the `enjent` console script is not on PATH"
+    assert ENJENT is not None, f"the `enjent` console script is not installed at {SCRIPT}"
+    done = subprocess.run([ENJENT, "--version"], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0 and done.stdout.startswith("enjent ")
 
 
 def test_help() -> None:
@@ -124,9 +130,8 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("ENJENT_WORKERS", "3")
     monkeypatch.setenv("ENJENT_APP", "tests.cluster_app:server")
     monkeypatch.setenv("ENJENT_LOG_LEVEL", "WARNING")
-    args = cli.build_parser().parse_args(["run"])
-    assert (args.app, args.host, args.port, args.workers, args.log_level) == (
-        "tests.cluster_app:server",
+    values = cli.resolve_settings(cli.build_parser().parse_args(["run"]))
+    assert (values["host"], values["port"], values["workers"], values["log_level"]) == (
         "127.0.0.2",
         12345,
         3,
@@ -134,13 +139,14 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     )
     # the command line wins
     args = cli.build_parser().parse_args(["run", "x:y", "--port", "1", "--workers", "2"])
-    assert (args.app, args.port, args.workers) == ("x:y", 1, 2)
+    values = cli.resolve_settings(args)
+    assert (args.app, values["port"], values["workers"]) == ("x:y", 1, 2)
 
 
 def test_workers_default_to_the_cpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ENJENT_WORKERS", raising=False)
     args = cli.build_parser().parse_args(["run", "x:y"])
-    assert args.workers == (os.cpu_count() or 1)
+    assert cli.resolve_settings(args)["workers"] == (os.cpu_count() or 1)
 
 
 def test_enjent_port_environment_variable_is_honoured() -> None:
@@ -151,7 +157,8 @@ def test_enjent_port_environment_variable_is_honoured() -> None:
         "ENJENT_APP": "tests.cluster_app:server",
         "ENJENT_WORKERS": "2",
     }
-    command = [ENJENT or "enjent", "run"]
+    assert ENJENT is not None, f"the `enjent` console script is not installed at {SCRIPT}"
+    command = [ENJENT, "run"]
     with Cluster(workers=2, port=port, command=command, env=env) as cluster:
         cluster.wait_ready()
         assert len(healthz(port)["workers"]) == 2
@@ -165,7 +172,7 @@ def test_missing_certificate_is_a_usage_error(tmp_path: Path) -> None:
     assert "--ssl-keyfile needs --ssl-certfile" in done.stderr
     done = enjent("run", "tests.cluster_app:server", "--ssl-certfile", str(tmp_path / "nope.pem"))
     assert done.returncode == 2
-    assert "cannot use the TLS certificate" in done.stderr
+    assert f"the TLS certificate file {tmp_path / 'nope.pem'} does not exist" in done.stderr
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

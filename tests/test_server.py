@@ -672,7 +672,7 @@ async def test_malformed_handshakes(request_bytes: bytes, status: int) -> None:
     if status == 426:
         assert headers["sec-websocket-version"] == "13"
     if status == 405:
-        assert headers["allow"] == "GET"
+        assert headers["allow"] == "GET, HEAD"
     assert len(events.connected) == 1
 
 

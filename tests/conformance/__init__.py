@@ -1,0 +1,1 @@
+"""Conformance runners kept in the repository (the Autobahn|Testsuite)."""
