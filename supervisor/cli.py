@@ -379,10 +379,12 @@ def make_loader(
 
 def describe_app_error(exc: BaseException) -> str:
     """The traceback of an app's failure, without the frames of the import machinery."""
+    machinery = os.path.dirname(importlib.__file__) + os.sep
     frames = [
         frame
         for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith("<frozen importlib") and frame.filename != __file__
+        if not frame.filename.startswith(("<frozen importlib", machinery))
+        and frame.filename != __file__
     ]
     lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
     lines.extend(traceback.format_exception_only(type(exc), exc))

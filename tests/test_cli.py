@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,176 @@ def test_native_tls_from_the_command_line(tmp_path: Path) -> None:
                 time.sleep(0.2)
         cluster.signal(signal.SIGTERM)
         assert cluster.wait(10) == 0
+
+
+# ------------------------------------------------ what a newcomer runs into
+
+
+def test_python_m_enjent_is_the_same_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "enjent", "--help"],
+        capture_output=True, text=True, timeout=20, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "usage: enjent" in done.stdout and "Exit codes" in " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize("how", ["environment", "option"])
+def test_bad_log_level_is_a_clean_usage_error(how: str) -> None:
+    if how == "environment":
+        done = enjent("run", "tests.cluster_app:server", env={"ENJENT_LOG_LEVEL": "verbose"})
+    else:
+        done = enjent("run", "tests.cluster_app:server", "--log-level", "verbose")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert ("ENJENT_LOG_LEVEL" if how == "environment" else "--log-level") in done.stderr
+    assert "verbose" in done.stderr
+
+
+def test_app_that_serves_while_imported_is_named_in_one_line(tmp_path: Path) -> None:
+    """The README's old snippet shape: server.run() at module level."""
+    port = free_port()
+    (tmp_path / "servesnow.py").write_text(
+        "from enjent import WebSocketServer\n"
+        "server = WebSocketServer()\n"
+        f"server.run('127.0.0.1', {port})\n"
+    )
+    done = enjent(
+        "run", "servesnow:server", "--app-dir", str(tmp_path), "--port", str(port),
+        "--workers", "2",
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and 'if __name__ == "__main__":' in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and "address already in use" not in done.stderr
+
+
+def test_app_that_fails_to_load_shows_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "dbapp.py").write_text(
+        "from enjent import WebSocketServer\n"
+        "\n"
+        "def connect():\n"
+        "    raise RuntimeError('db down')\n"
+        "\n"
+        "connect()\n"
+        "server = WebSocketServer()\n"
+    )
+    done = enjent("run", "dbapp:server", "--app-dir", str(tmp_path), "--port", str(free_port()))
+    assert done.returncode == 4, done.stderr
+    assert "RuntimeError: db down" in done.stderr
+    assert f'File "{tmp_path / "dbapp.py"}", line 4, in connect' in done.stderr
+    assert "importlib" not in done.stderr  # the import machinery's frames are left out
+
+
+def test_command_line_overrides_the_apps_options(tmp_path: Path) -> None:
+    """--health-path, --metrics-path, --max-message-size (and ENJENT_*) over the app's values."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    port = free_port()
+    command = [
+        *([ENJENT] if ENJENT else [sys.executable, "-m", "enjent_supervisor"]),
+        "run", "tests.cluster_app:server", "--port", str(port), "--workers", "1",
+        "--health-path", "/alive", "--metrics-path", "none", "--max-message-size", "1000",
+    ]  # fmt: skip
+    env = {**os.environ, "ENJENT_MAX_MESSAGE_SIZE": "5", "ENJENT_PING_INTERVAL": "0"}
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+    async def check() -> tuple[int | None, str]:
+        async with connect(f"ws://127.0.0.1:{port}/", open_timeout=2) as ws:
+            await ws.send("x" * 999)  # under --max-message-size, over ENJENT_'s 5
+            echoed = await asyncio.wait_for(ws.recv(), 5)
+            await ws.send("x" * 1001)
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code is not None
+            return ws.close_code, str(echoed)
+
+    try:
+        wait_for_http(port, "/alive")
+        assert http_status(port, "/healthz") == 426  # no longer the health path
+        assert http_status(port, "/metrics") == 426  # turned off
+        code, echoed = asyncio.run(check())
+        assert code == 1009 and len(echoed) == 999
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0].decode()
+    assert process.returncode == 0, output
+
+
+def test_bad_override_is_a_usage_error() -> None:
+    done = enjent("run", "tests.cluster_app:server", "--ping-timeout", "0", "--workers", "1")
+    assert done.returncode == 2 and "ping_timeout" in done.stderr, done.stderr
+    done = enjent("run", "tests.cluster_app:server", env={"ENJENT_TRUSTED_PROXIES": "nonsense"})
+    assert done.returncode == 2 and "trusted_proxies" in done.stderr, done.stderr
+    done = enjent("run", "tests.cluster_app:server", "--health-path", "alive")
+    assert done.returncode == 2 and "--health-path" in done.stderr, done.stderr
+
+
+def test_runtime_dir_holds_the_bus_sockets(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    with Cluster(workers=2, args=["--runtime-dir", str(runtime)]) as cluster:
+        cluster.wait_ready()
+        made = list(runtime.glob("enjent-*"))
+        assert len(made) == 1 and (made[0] / "bus-in").exists(), cluster.log()
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(10) == 0
+    assert not list(runtime.glob("enjent-*"))  # removed at the end
+
+
+def test_access_log_has_one_line_per_handshake(tmp_path: Path) -> None:
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    port = free_port()
+    with Cluster(workers=2, port=port, args=["--access-log"]) as cluster:
+        cluster.wait_ready()
+
+        async def visit() -> None:
+            async with connect(f"ws://127.0.0.1:{port}/room?x=1", open_timeout=2) as ws:
+                await ws.send("whoami")
+                await asyncio.wait_for(ws.recv(), 5)
+
+        asyncio.run(visit())
+        assert http_status(port, "/nothing-here") == 426
+        time.sleep(0.3)
+        log = cluster.log()
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(10) == 0
+    accepted = [line for line in log.splitlines() if '"GET /room?x=1 HTTP/1.1" 101' in line]
+    refused = [line for line in log.splitlines() if '"GET /nothing-here HTTP/1.1" 426' in line]
+    assert len(accepted) == 1 and "enjent.access" in accepted[0], log
+    assert "127.0.0.1:" in accepted[0] and re.search(r"worker=[01]$", accepted[0])
+    assert len(refused) == 1 and "WebSocket endpoint" in refused[0], log
+
+
+def http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def wait_for_http(port: int, path: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_status(port, path) == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing answered 200 at {path} on port {port}")
+        time.sleep(0.05)

@@ -9,6 +9,7 @@ decompression, and ``allowed_origins`` with clients that send no Origin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -62,7 +63,7 @@ async def test_head_on_the_health_path_has_no_body() -> None:
         status, headers, body = await raw_http(
             server.port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         )
-        get_status, get_headers, get_body = await raw_http(
+        get_status, _, get_body = await raw_http(
             server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         )
     assert (status, body) == (200, b"")
@@ -136,10 +137,8 @@ def close_then_stray_frame(port: int) -> tuple[bytes, bool]:
                 pass
             # the server's FIN came, our second frame is read: wait for a late reset
             sock.settimeout(0.2)
-            try:
+            with contextlib.suppress(TimeoutError):
                 sock.recv(4096)
-            except TimeoutError:
-                pass
         except (ConnectionResetError, BrokenPipeError):
             reset = True
         return reply, reset
