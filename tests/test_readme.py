@@ -42,7 +42,7 @@ INSTALL_AND_TEST = (
     "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/python -m pytest"
 )
 #: The subset of the suite run by the fresh environment (the whole suite runs anyway).
-TEST_SUBSET = "-k 'test_frames or test_mask'"
+TEST_SUBSET = "-k 'test_frames or test_mask or test_cli'"
 
 
 def code_blocks(markdown: str) -> Iterator[tuple[str, str, str]]:
@@ -127,6 +127,7 @@ def test_first_server_snippet_runs(tmp_path: Path) -> None:
     """The "A first server" snippet: welcome, echo, and a graceful stop on SIGTERM (exit 0)."""
     code = snippet(README.read_text(), "A first server")
     assert 'server.run("127.0.0.1", 13003)' in code
+    assert 'if __name__ == "__main__":' in code  # `enjent run myapp:server` imports it
     port = free_port()
     (tmp_path / "myapp.py").write_text(code.replace("13003", str(port)))
     process = subprocess.Popen(
@@ -154,6 +155,10 @@ def test_first_server_snippet_runs(tmp_path: Path) -> None:
                 assert isinstance(welcome, str) and welcome.startswith("welcome 0-")
                 await ws.send("hello")
                 assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+                # systemd's reload: logged and ignored by one process, never fatal
+                process.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.3)
+                assert process.poll() is None, "SIGHUP killed the server"
                 await ws.send(b"\x00\x01")
                 assert await asyncio.wait_for(ws.recv(), 5) == b"\x00\x01"
 
@@ -168,6 +173,28 @@ def test_first_server_snippet_runs(tmp_path: Path) -> None:
     assert process.returncode == 0, text
     assert "connected 0-" in text and "/chat 127.0.0.1" in text
     assert "gone 0-" in text
+    # one INFO line says where it listens (logging set up since the app did not)
+    assert f"serving on ws://127.0.0.1:{port} (1 worker" in text
+    assert "SIGHUP ignored" in text
+
+
+def test_first_server_snippet_under_enjent_run(tmp_path: Path) -> None:
+    """The same myapp.py as `enjent run myapp:server --workers 2`: two workers, SIGTERM exits 0."""
+    from clusterutil import Cluster
+
+    code = snippet(README.read_text(), "A first server")
+    (tmp_path / "myapp.py").write_text(code)
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "enjent", "run", "myapp:server"),
+        *("--app-dir", str(tmp_path), "--port", str(port), "--workers", "2"),
+    ]
+    with Cluster(workers=2, port=port, command=command) as cluster:
+        health = cluster.wait_ready()
+        assert len(health["workers"]) == 2
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(15) == 0, cluster.log()
+    assert "address already in use" not in cluster.log()
 
 
 def test_api_page_snippet_works() -> None:
