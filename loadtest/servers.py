@@ -48,6 +48,9 @@ class ServerKind:
                 str(port),
                 "--workers",
                 str(workers),
+                # the peers' limits are as loose: nothing here is a slow consumer
+                *("--max-message-size", str(64 << 20), "--write-limit", str(64 << 20)),
+                *("--max-connections", "100000"),
             ]
         module = f"loadtest.peers.{self.name}_server"
         return [sys.executable, "-m", module, "--host", host, "--port", str(port)]

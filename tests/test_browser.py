@@ -104,7 +104,7 @@ async def devtools(url: str) -> AsyncIterator[DevTools]:
 
 
 class Tab:
-    """One chat page: a Chromium tab whose ``prompt()`` answers ``name``."""
+    """One chat page: a Chromium tab whose user types ``name`` into the page."""
 
     def __init__(self, browser: DevTools, port: int, target_id: str, name: str) -> None:
         self.browser = browser
@@ -117,12 +117,24 @@ class Tab:
     async def open(self, chat_url: str) -> Tab:
         self.page = await self.stack.enter_async_context(devtools(self.url))
         await self.page.call("Page.enable")
+        # a modal dialog (prompt, alert) would block a headless tab: there must be none
         await self.page.call(
             "Page.addScriptToEvaluateOnNewDocument",
-            source=f"window.prompt = () => {json.dumps(self.name)};",
+            source="window.__dialogs = 0; window.prompt = window.alert = window.confirm = "
+            "() => { window.__dialogs += 1; return null; };",
         )
         await self.page.call("Page.navigate", url=chat_url)
+        deadline = time.monotonic() + 10
+        while not await self.page.evaluate("!!document.getElementById('name')"):
+            assert time.monotonic() < deadline, "the chat page has no name field"
+            await asyncio.sleep(0.05)
+        # the name is typed into the page, then the join form submitted
+        await self.page.evaluate(
+            f"document.getElementById('name').value = {json.dumps(self.name)};"
+            "document.getElementById('enter').click();"
+        )
         await self.wait_for_line(f"welcome, {self.name}")
+        assert await self.page.evaluate("window.__dialogs") == 0
         return self
 
     async def log(self) -> list[str]:

@@ -205,6 +205,31 @@ async def test_chat_in_process(repo_root: Path, monkeypatch: pytest.MonkeyPatch)
             }
 
 
+@async_test
+async def test_chat_refuses_other_sites_and_sends_its_page_safely(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cross-site WebSocket hijacking is refused; the page carries a CSP and nosniff."""
+    app = load(repo_root, monkeypatch, "examples.chat.app")
+    server = app.build_server(allowed_origins=["https://chat.example.com"])
+    async with server.serve(HOST, 0):
+        port = server.port
+        status, headers, body = await http_get(port, "/")
+        assert status == 200 and b'id="name"' in body and b"prompt(" not in body
+        policy = headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+        assert "'unsafe-inline'" not in policy
+        assert headers["x-content-type-options"] == "nosniff"
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(port, origin="https://evil.example"):
+                pass
+        assert refused.value.response.status_code == 403
+        same_site = f"http://{HOST}:{port}"  # the page's own origin
+        for origin in (same_site, "https://chat.example.com", None):
+            async with ws_connect(port, origin=origin) as ws:
+                assert (await recv_json(ws))["type"] == "welcome"
+
+
 # ----------------------------------------------------------- custom client
 
 
@@ -316,3 +341,28 @@ async def test_echo_example(repo_root: Path, monkeypatch: pytest.MonkeyPatch) ->
         await first.send("broadcast:to all")
         assert await recv(first) == "to all"
         assert await recv(second) == "to all"
+
+
+def test_echo_example_models_the_library_defaults(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Examples model safe limits; the conformance runner and loadtest pass big ones."""
+    echo = load(repo_root, monkeypatch, "examples.echo")
+    args = echo.parse_args([])
+    defaults = WebSocketServer()
+    assert args.max_message_size == defaults.max_message_size
+    assert args.write_limit == defaults.write_limit
+    assert args.max_connections == defaults.max_connections
+    from conformance.autobahn import ECHO_LIMITS
+
+    assert "--max-message-size" in ECHO_LIMITS and "--write-limit" in ECHO_LIMITS
+
+
+@async_test
+async def test_echo_example_says_where_it_listens(repo_root: Path, free_port: int) -> None:
+    async with example_process(repo_root, "examples/echo.py", "--port", str(free_port)) as process:
+        await wait_listening(process, free_port)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 0
+    assert f"serving on ws://127.0.0.1:{free_port} (1 worker" in stderr.decode()

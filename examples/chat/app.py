@@ -7,7 +7,9 @@ beside this file, plain HTML and JavaScript) is served by the handshake hook.
 
     python examples/chat/app.py --host 127.0.0.1 --port 8000 [--workers N]
 
-or ``enjent run examples.chat.app:server``. Messages sent to clients are JSON
+or ``enjent run examples.chat.app:server``. The page asks for a name,
+then connects; upgrades whose ``Origin`` is another site are refused (403),
+and the page is sent with a Content-Security-Policy. Messages sent to clients are JSON
 objects with a ``type``: ``welcome``, ``joined``, ``message``, ``presence``,
 ``error``.
 """
@@ -15,12 +17,16 @@ objects with a ``type``: ``welcome``, ``joined``, ``message``, ``presence``,
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from enjent import Request, Response, WebSocketClient, WebSocketServer
 
@@ -46,20 +52,67 @@ def encode(kind: str, **fields: object) -> str:
     return json.dumps({"type": kind, **fields}, separators=(",", ":"))
 
 
-def build_server(**options: object) -> WebSocketServer:
-    """The chat server; ``options`` go to :class:`~enjent.WebSocketServer`."""
+def _digest(pattern: str) -> str:
+    """The CSP source of the one inline <script> or <style> of the page (by its hash)."""
+    match = re.search(pattern, PAGE, re.S)
+    assert match, f"index.html has no {pattern}"
+    digest = hashlib.sha256(match.group(1).encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+#: The page may run its own script and style, connect back to its own host,
+#: and nothing else (no other script, frame, form target or plugin).
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; script-src {_digest(r'<script>(.*?)</script>')}; "
+    f"style-src {_digest(r'<style>(.*?)</style>')}; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = [
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+
+def same_origin(request: Request, allowed: frozenset[str]) -> bool:
+    """Whether the page that opens this WebSocket came from this server.
+
+    Browsers always send ``Origin``; a page of another site connecting here
+    (cross-site WebSocket hijacking, with the user's cookies) has an Origin
+    whose host differs from the ``Host`` it connects to. Clients that are
+    not browsers send no Origin and are not that threat: they are let in.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None or origin in allowed:
+        return True
+    host = (request.headers.get("Host") or "").lower()
+    return urlsplit(origin).netloc.lower() == host and bool(host)
+
+
+def build_server(*, allowed_origins: Iterable[str] = (), **options: object) -> WebSocketServer:
+    """The chat server; ``options`` go to :class:`~enjent.WebSocketServer`.
+
+    WebSocket upgrades must come from the page itself (same host), or from
+    one of ``allowed_origins`` (e.g. ``https://chat.example.com`` when the
+    page is served elsewhere); others get 403.
+    """
     options.setdefault("client_class", ChatClient)
     options.setdefault("max_message_size", 16 * 1024)
     server = WebSocketServer(**options)  # type: ignore[arg-type]
+    allowed = frozenset(allowed_origins)
 
     @server.on_handshake
     def page(request: Request) -> Response | None:
-        """Plain HTTP requests for ``/`` get the page; upgrades go on."""
+        """Plain HTTP requests for ``/`` get the page; upgrades from elsewhere get 403."""
         if "websocket" in request.headers.get_tokens("Upgrade"):
+            if not same_origin(request, allowed):
+                return Response(403, "cross-origin WebSocket refused\n")
             return None
         if request.path in ("/", "/index.html"):
-            return Response(200, PAGE, content_type="text/html; charset=utf-8")
-        return Response(404, "not found\n")
+            return Response(
+                200, PAGE, content_type="text/html; charset=utf-8", headers=PAGE_HEADERS
+            )
+        return Response(404, "not found\n", headers=[("X-Content-Type-Options", "nosniff")])
 
     def enter(client: ChatClient, room: str) -> None:
         client.room = room
