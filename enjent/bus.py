@@ -1,6 +1,6 @@
 """The cluster bus wire format: topics and msgpack envelopes, in one place.
 
-Cluster layer (layer 3 of DESIGN.md). Every bus message is a ZeroMQ
+Cluster layer (layer 3 of docs/architecture.md). Every bus message is a ZeroMQ
 multipart ``[topic, body]`` published by a worker (or the broker) to the
 broker's XSUB socket and fanned out by its XPUB socket to the subscribers
 whose subscription is a prefix of ``topic``.

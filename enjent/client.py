@@ -1,6 +1,6 @@
 """The application's view of one connected client: :class:`WebSocketClient`.
 
-Server layer (layer 2 of DESIGN.md). The Python form of the original's
+Server layer (layer 2 of docs/architecture.md). The Python form of the original's
 ``WebSocketClient``: an id, the initial request, ``send`` returning a bool,
 rooms. Subclass it (``WebSocketServer(client_class=...)``) or build it with a
 factory (``client_factory=...``, the original's ClientInitializationStrategy).

@@ -1,6 +1,6 @@
 """The bus client of one worker: one logical server over ZeroMQ pub/sub.
 
-Cluster layer (layer 3 of DESIGN.md). A :class:`ClusterClient` is plugged
+Cluster layer (layer 3 of docs/architecture.md). A :class:`ClusterClient` is plugged
 into a :class:`~enjent.WebSocketServer` as ``server.cluster`` in each worker
 process, after fork. It publishes this worker's client events and its
 cross-shard messages, delivers what other workers publish, and keeps the

@@ -1,6 +1,6 @@
 """One TCP connection: the asyncio glue around the protocol core.
 
-Server layer (layer 2 of DESIGN.md). :class:`Connection` is the
+Server layer (layer 2 of docs/architecture.md). :class:`Connection` is the
 ``asyncio.Protocol`` of one client: it reads the opening handshake, then
 feeds every read to :class:`~enjent.protocol.ServerProtocol` (which it
 extends, to keep one object per connection) and writes everything the read

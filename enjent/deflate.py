@@ -1,6 +1,6 @@
 """permessage-deflate (RFC 7692): negotiation and per-message (de)compression.
 
-Protocol core (layer 1 of DESIGN.md): no I/O. Memory is the design goal:
+Protocol core (layer 1 of docs/architecture.md): no I/O. Memory is the design goal:
 
 - With ``server_no_context_takeover`` (the default) every message we send
   is compressed independently, so one compressor per setting is shared by

@@ -1,6 +1,6 @@
 """Frame codec of RFC 6455 §5: opcodes, close codes, serialization.
 
-Protocol core (layer 1 of DESIGN.md): no I/O. Parsing lives in
+Protocol core (layer 1 of docs/architecture.md): no I/O. Parsing lives in
 :mod:`enjent.protocol`, whose single pass over a read buffer is the hot path.
 """
 

@@ -1,6 +1,6 @@
 """The WebSocket opening handshake, server side (RFC 6455 §4.2).
 
-Protocol core (layer 1 of DESIGN.md): checks a parsed :class:`Request` and
+Protocol core (layer 1 of docs/architecture.md): checks a parsed :class:`Request` and
 builds the ``101 Switching Protocols`` response; no I/O.
 """
 

@@ -1,6 +1,6 @@
 """HTTP/1.1 for the opening handshake: request parsing and responses.
 
-Protocol core (layer 1 of DESIGN.md): bytes in, a :class:`Request` out;
+Protocol core (layer 1 of docs/architecture.md): bytes in, a :class:`Request` out;
 no I/O. Parsing is size-limited (RFC 9112 §2.3, §5) so that a hostile client
 costs at most ``max_request_size`` bytes of buffer before it is refused.
 """

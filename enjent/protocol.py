@@ -1,6 +1,6 @@
 """The per-connection WebSocket state machine, server side (RFC 6455 §5-§7).
 
-Protocol core (layer 1 of DESIGN.md): bytes in, events and bytes out, no I/O.
+Protocol core (layer 1 of docs/architecture.md): bytes in, events and bytes out, no I/O.
 :meth:`ServerProtocol.receive_data` parses every complete frame of a read in
 one pass, answers pings, runs the close handshake and validates UTF-8; bytes
 to write accumulate in :attr:`ServerProtocol.pending`, which the I/O layer

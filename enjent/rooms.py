@@ -1,6 +1,6 @@
 """Named groups of clients: :class:`Room` and unions of rooms.
 
-Server layer (layer 2 of DESIGN.md). A ``Room`` is a handle (a name and a
+Server layer (layer 2 of docs/architecture.md). A ``Room`` is a handle (a name and a
 server); members live in the server, so a handle never goes stale and an
 empty room costs nothing. ``Room.union`` is the original's Aggregate.
 """

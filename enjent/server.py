@@ -1,6 +1,6 @@
 """The application's server: :class:`WebSocketServer`.
 
-Server layer (layer 2 of DESIGN.md): handlers, the handshake policy, rooms,
+Server layer (layer 2 of docs/architecture.md): handlers, the handshake policy, rooms,
 broadcast, one keepalive/timeout sweep per server, graceful stop. On a
 cluster (``workers > 1``) the bus client of :mod:`enjent.cluster` is plugged
 in as ``server.cluster`` and the same calls reach every worker.

@@ -1,6 +1,6 @@
 """`python -m loadtest SCENARIO [options]`: parse, run every server in turn, report.
 
-Layer 5 of DESIGN.md. Exit status: 0 when every run passed its own checks, 1 when one
+Layer 5 of docs/architecture.md. Exit status: 0 when every run passed its own checks, 1 when one
 failed (or the server did not start, or the global --timeout expired), 2 on a usage error.
 """
 

@@ -1,6 +1,6 @@
 """Raw WebSocket clients on asyncio Protocols, many per event loop, for load generation.
 
-Layer 5 of DESIGN.md. One `WsClient` per connection (an `asyncio.Protocol` with
+Layer 5 of docs/architecture.md. One `WsClient` per connection (an `asyncio.Protocol` with
 `__slots__`, no task of its own) feeds bytes to `wire.FrameParser` and reports to a
 shared `ClientPool`, which each scenario subclasses to react to messages.
 """

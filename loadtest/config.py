@@ -1,6 +1,6 @@
 """The options of one load-test invocation, gathered in one frozen object.
 
-Layer 5 of DESIGN.md. `cli.py` copies the command line into a `Config`; scenarios,
+Layer 5 of docs/architecture.md. `cli.py` copies the command line into a `Config`; scenarios,
 server control and reports read only this object.
 """
 

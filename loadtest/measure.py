@@ -1,6 +1,6 @@
 """psutil measurements of the server's process tree and of the load generator itself.
 
-Layer 5 of DESIGN.md. Memory is summed over the tree (supervisor and workers): RSS, and
+Layer 5 of docs/architecture.md. Memory is summed over the tree (supervisor and workers): RSS, and
 USS from `memory_full_info` (pages only that process holds, so sums do not double-count
 shared pages). CPU is measured per process over a window, next to the load generator's
 own CPU, so a reader can tell which side was the bottleneck.

@@ -1,7 +1,7 @@
 """Progress on stderr, the results table on stdout, the JSON file and the PNG chart.
 
-Layer 5 of DESIGN.md. Comparisons are medians over repeated runs and ratios of ours to
-a peer measured in the same invocation (DESIGN.md: report ratios, not absolute times).
+Layer 5 of docs/architecture.md. Comparisons are medians over repeated runs and ratios of ours to
+a peer measured in the same invocation (docs/architecture.md: report ratios, not absolute times).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ application pays per call; delivery is the kernel's). Seeded and bounded::
 
     python -m loadtest.room_bench [--members 10] [--others 0,1000,8000] [--calls 2000]
 
-DESIGN.md's promise: a room broadcast to 10 clients costs the same with 10
+the promise of docs/architecture.md: a room broadcast to 10 clients costs the same with 10
 or 10,000 other clients connected. The ratio column shows it.
 """
 

@@ -1,6 +1,6 @@
 """The four load scenarios: connections, echo, fanout and handshake.
 
-Layer 5 of DESIGN.md. Each scenario drives one already started server through a
+Layer 5 of docs/architecture.md. Each scenario drives one already started server through a
 `ClientPool` and returns a `RunResult`: pass/fail checks, flat numeric metrics (compared
 across servers), per-process details and series for the chart. Every loop is bounded in
 count and in time.

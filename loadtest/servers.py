@@ -1,6 +1,6 @@
 """Start, watch and stop the server under test: ours or a peer library's.
 
-Layer 5 of DESIGN.md. Every server runs the same echo-and-broadcast contract of
+Layer 5 of docs/architecture.md. Every server runs the same echo-and-broadcast contract of
 `examples/echo.py`; this module knows each one's command line, waits (bounded) until it
 listens, and always terminates its whole process tree (SIGTERM, then SIGKILL).
 """

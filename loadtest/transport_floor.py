@@ -1,6 +1,6 @@
 """The floor of memory per connection: a bare uvloop server that does nothing.
 
-Layer 5 of DESIGN.md (it does not import ``enjent``). A child process runs
+Layer 5 of docs/architecture.md (it does not import ``enjent``). A child process runs
 an ``asyncio.Protocol`` that accepts and ignores everything on uvloop; this
 process opens ``--connections`` plain TCP connections to it and reports the
 growth of the child's USS per connection: what uvloop's own transport and

@@ -1,6 +1,6 @@
 """The client side of the WebSocket wire protocol, just enough for load generation.
 
-Layer 5 of DESIGN.md: loadtest is a client and depends on nothing in `enjent`, only on
+Layer 5 of docs/architecture.md: loadtest is a client and depends on nothing in `enjent`, only on
 RFC 6455. This module does no I/O: it builds the upgrade request, checks the response,
 builds masked frames and parses server frames (bytes in, messages out).
 """

@@ -1,6 +1,6 @@
 """The Enjent supervisor: one uvloop worker per core, a ZeroMQ broker, signals.
 
-Supervisor layer (layer 4 of DESIGN.md). This folder is installed as the
+Supervisor layer (layer 4 of docs/architecture.md). This folder is installed as the
 package ``enjent_supervisor`` (never ``supervisor``, the name of
 supervisord's package). :func:`run_cluster` is what
 ``WebSocketServer.run(workers=N)`` and the ``enjent`` command call.

@@ -1,6 +1,6 @@
 """The prefork supervisor ("arbiter"): forks workers and the broker, watches them.
 
-Supervisor layer (layer 4 of DESIGN.md), in the manner of gunicorn's arbiter:
+Supervisor layer (layer 4 of docs/architecture.md), in the manner of gunicorn's arbiter:
 signal handlers only enqueue the signal and wake the main loop; one loop
 reaps children, dispatches signals (``handle_term``, ``handle_hup``, ...),
 restarts what died and waits, always with a timeout.

@@ -22,7 +22,7 @@ from enjent import bus
 
 logger = logging.getLogger("enjent.broker")
 
-#: Explicit high-water marks (DESIGN.md: ZeroMQ drops silently past them).
+#: Explicit high-water marks (docs/architecture.md: ZeroMQ drops silently past them).
 HIGH_WATER_MARK = 100_000
 
 

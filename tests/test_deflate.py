@@ -949,3 +949,18 @@ def test_loadtest_offer_deflate_is_refused_where_clients_would_need_to_inflate()
     )
     assert completed.returncode == 2
     assert "--offer-deflate" in completed.stderr
+
+
+def test_node_ws_without_client_no_context_takeover_can_be_served() -> None:
+    """Node ws with clientNoContextTakeover: false refuses a response imposing it."""
+    offer = ["permessage-deflate; client_max_window_bits"]
+    default = negotiate(offer, DeflateOptions())
+    assert default is not None and "client_no_context_takeover" in default.response()
+    lenient = negotiate(offer, DeflateOptions(client_no_context_takeover=False))
+    assert lenient is not None and "client_no_context_takeover" not in lenient.response()
+    # a client that offers it still gets it
+    offered = negotiate(
+        ["permessage-deflate; client_no_context_takeover"],
+        DeflateOptions(client_no_context_takeover=False),
+    )
+    assert offered is not None and "client_no_context_takeover" in offered.response()

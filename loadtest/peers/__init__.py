@@ -1,6 +1,6 @@
 """Peer servers: other libraries running the echo-and-broadcast contract of examples/echo.py.
 
-Layer 5 of DESIGN.md. Each module is a small program,
+Layer 5 of docs/architecture.md. Each module is a small program,
 `python -m loadtest.peers.NAME_server --host H --port P`, that loadtest starts and stops.
 The contract: echo every text and binary message unchanged, except that the text
 message `broadcast:<payload>` sends `<payload>` as text to every connected client.

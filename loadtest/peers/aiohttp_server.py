@@ -1,6 +1,6 @@
 """The echo-and-broadcast app on aiohttp's WebSocket server.
 
-Layer 5 of DESIGN.md: a second peer to compare Enjent with. Same contract as
+Layer 5 of docs/architecture.md: a second peer to compare Enjent with. Same contract as
 examples/echo.py; compression off and no heartbeat, as loadtest's clients use neither.
 """
 

@@ -1,6 +1,6 @@
 """The echo-and-broadcast app on `picows` (a Cython WebSocket library).
 
-Layer 5 of DESIGN.md: a peer to compare Enjent with, the fastest Python
+Layer 5 of docs/architecture.md: a peer to compare Enjent with, the fastest Python
 WebSocket server measured here. Same contract as examples/echo.py;
 keepalive pings off (picows has no permessage-deflate).
 """

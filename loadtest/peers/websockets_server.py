@@ -1,6 +1,6 @@
 """The echo-and-broadcast app on the `websockets` library (its asyncio implementation).
 
-Layer 5 of DESIGN.md: a peer to compare Enjent with. Same contract as examples/echo.py;
+Layer 5 of docs/architecture.md: a peer to compare Enjent with. Same contract as examples/echo.py;
 permessage-deflate (unless `--compression deflate`) and keepalive pings are off, as
 loadtest's clients use neither (unless `--offer-deflate`).
 """
