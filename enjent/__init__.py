@@ -12,7 +12,6 @@ in one uvloop worker per core behind a supervisor, as one logical server.
 
 from __future__ import annotations
 
-from .client import WebSocketClient
 from .exceptions import (
     BusError,
     ConnectionClosedError,
@@ -25,8 +24,7 @@ from .exceptions import (
 from .frames import CloseCode, Opcode
 from .http11 import Headers, Request
 from .protocol import Close, Ping, Pong
-from .rooms import Room, RoomUnion
-from .server import Accept, Response, WebSocketServer
+from .server import Accept, Response, Room, RoomUnion, WebSocketClient, WebSocketServer
 
 __version__ = "0.1.0"
 

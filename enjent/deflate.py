@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .exceptions import ProtocolError
 from .frames import CloseCode
+
+if TYPE_CHECKING:  # zlib's stream types have no public name (typeshed's names)
+    from zlib import _Compress as Compressor
+    from zlib import _Decompress as Decompressor
 
 __all__ = [
     "DeflateOptions",
@@ -205,7 +210,7 @@ class _SharedCompressors:
     """One compressor per (window, memory level, level), for stateless messages."""
 
     def __init__(self) -> None:
-        self._by_setting: dict[tuple[int, int, int], zlib._Compress] = {}
+        self._by_setting: dict[tuple[int, int, int], Compressor] = {}
 
     def compress(self, data: bytes, bits: int, memory_level: int, level: int) -> bytes:
         key = (bits, memory_level, level)
@@ -239,8 +244,8 @@ class PerMessageDeflate:
         self.negotiated = negotiated
         self.options = options
         self.max_message_size = max_message_size
-        self._inflater: zlib._Decompress | None = None
-        self._compressor: zlib._Compress | None = None
+        self._inflater: Decompressor | None = None
+        self._compressor: Compressor | None = None
         self._produced = 0
         self._exceeded = False
 

@@ -89,6 +89,8 @@ def encode_frame(
     """
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     length = len(payload)
+    if mask is None and length < 126:  # a server's small frame: the hot path
+        return bytes((first, length)) + payload
     mask_bit = 0x80 if mask is not None else 0
     if length < 126:
         header = _HEADER_7.pack(first, mask_bit | length)

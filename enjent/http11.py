@@ -120,7 +120,7 @@ class MultiDict(Mapping[str, str]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, MultiDict):
-            return self._items == other._items
+            return self._items == other.multi_items()
         return NotImplemented  # not equal to a dict: that would drop repeated names
 
     __hash__ = None  # type: ignore[assignment]

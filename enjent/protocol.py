@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import enum
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from .exceptions import ProtocolError
 from .frames import (
@@ -30,6 +30,7 @@ __all__ = [
     "Close",
     "Event",
     "Extension",
+    "OutgoingMessage",
     "Ping",
     "Pong",
     "ServerProtocol",
@@ -177,7 +178,7 @@ class ServerProtocol:
                     else:
                         self._maybe_start_partial(buffer)
                 except ProtocolError as exc:
-                    return [self._fail(exc.close_code, str(exc))]
+                    return [self.fail(exc.close_code, str(exc))]
                 return []
             data = bytes(buffer)
             self._buffer = None
@@ -186,7 +187,7 @@ class ServerProtocol:
         try:
             consumed = self._parse(data, events)
         except ProtocolError as exc:
-            events.append(self._fail(exc.close_code, str(exc)))
+            events.append(self.fail(exc.close_code, str(exc)))
             return events
         if consumed < len(data) and not self.is_closed():
             self._buffer = bytearray(memoryview(data)[consumed:])
@@ -479,8 +480,12 @@ class ServerProtocol:
         self.close_reason = reason
         return Close(code, reason)
 
-    def _fail(self, code: int, reason: str) -> Close:
-        """Fail the connection (RFC 6455 §7.1.7): send a close frame, stop reading."""
+    def fail(self, code: int, reason: str = "") -> Close:
+        """Fail the connection (RFC 6455 §7.1.7): send a close frame, stop reading.
+
+        Also what the server calls to close at once without waiting for the
+        peer (a keepalive timeout).
+        """
         if self.state is State.OPEN:
             self._close_frame = encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason))
         self.state = State.CLOSED
@@ -502,10 +507,6 @@ class ServerProtocol:
             self.close_code = code
             self.close_reason = reason
 
-    def fail(self, code: int, reason: str = "") -> Close:
-        """Close at once without waiting for the peer (e.g. keepalive timeout)."""
-        return self._fail(code, reason)
-
     def is_closed(self) -> bool:
         """Whether the close handshake is over (or the connection failed)."""
         return self.state is State.CLOSED
@@ -520,6 +521,39 @@ class ServerProtocol:
         """
         return self._close_frame is not None
 
+    def encode_message(self, data: str | bytes | bytearray | memoryview) -> bytes:
+        """The frame of one message to this peer: text for ``str``, binary otherwise.
+
+        Compressed when permessage-deflate was negotiated and the message is
+        worth it (RSV1 set, RFC 7692 §6). The one place that turns a
+        message into a frame for a connection; a broadcast uses
+        :class:`OutgoingMessage` to encode once for many.
+        """
+        if type(data) is str:
+            opcode = _OPCODE_TEXT
+            payload: bytes | bytearray | memoryview = data.encode("utf-8")
+        elif isinstance(data, bytes | bytearray | memoryview):
+            opcode = _OPCODE_BINARY
+            payload = data
+        else:
+            raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
+        extension: Any = self.extension  # a PerMessageDeflate when negotiated
+        if extension is not None and extension.should_compress(len(payload)):
+            return encode_frame(opcode, extension.encode(bytes(payload)), rsv1=True)
+        return encode_frame(opcode, payload)
+
+    def transport_lost(self) -> None:
+        """The transport is gone: a close without a close frame is 1006 (RFC 6455 §7.1.5).
+
+        A close we started and the peer never answered keeps our code.
+        """
+        if self.state is State.OPEN or self.close_code is None:
+            self.close_code = CloseCode.ABNORMAL_CLOSURE
+            self.close_reason = ""
+        self.state = State.CLOSED
+        self.pending.clear()
+        self._close_frame = None
+
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer."""
         pending = self.pending
@@ -531,3 +565,55 @@ class ServerProtocol:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         return data
+
+
+class OutgoingMessage:
+    """One message to many peers: encoded once, compressed at most once per setting.
+
+    ``frame`` is the plain frame; :meth:`frame_for` gives the frame for a
+    connection that negotiated permessage-deflate, compressing once per
+    distinct compression setting (not once per client) when our side keeps
+    no context.
+    """
+
+    __slots__ = ("_compressed", "frame", "opcode", "payload")
+
+    def __init__(
+        self, opcode: int, payload: bytes | bytearray | memoryview, frame: bytes | None = None
+    ) -> None:
+        self.opcode = opcode
+        self.payload = payload
+        self.frame = frame if frame is not None else encode_frame(opcode, payload)
+        self._compressed: dict[int, bytes] | None = None
+
+    @classmethod
+    def of(cls, data: str | bytes | bytearray | memoryview) -> OutgoingMessage:
+        """The message for ``data``: text for ``str``, binary otherwise."""
+        if isinstance(data, str):
+            return cls(_OPCODE_TEXT, data.encode("utf-8"))
+        if isinstance(data, bytes | bytearray | memoryview):
+            return cls(_OPCODE_BINARY, data)
+        raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> OutgoingMessage:
+        """The message of a plain frame that the bus carried (its header read back)."""
+        length = frame[1] & 0x7F
+        offset = 2 if length < 126 else (4 if length == 126 else 10)
+        return cls(frame[0] & 0x0F, memoryview(frame)[offset:], frame)
+
+    def frame_for(self, extension: Any) -> bytes:
+        """The frame for a connection whose ``extension`` is its PerMessageDeflate."""
+        if not extension.should_compress(len(self.payload)):
+            return self.frame
+        if not extension.stateless:
+            return encode_frame(self.opcode, extension.encode(bytes(self.payload)), rsv1=True)
+        key = extension.compress_key()
+        cache = self._compressed
+        if cache is None:
+            cache = self._compressed = {}
+        frame = cache.get(key)
+        if frame is None:
+            frame = encode_frame(self.opcode, extension.encode(bytes(self.payload)), rsv1=True)
+            cache[key] = frame
+        return frame

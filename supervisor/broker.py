@@ -3,7 +3,7 @@
 Supervisor layer (layer 4). Workers publish to ``in`` (XSUB) and subscribe
 at ``out`` (XPUB); the proxy runs in a thread inside libzmq. The main thread
 reads one-line commands from the supervisor's pipe (``dead SHARD PID``) and
-publishes them as :data:`enjent.bus.Kind.DEAD` envelopes; when the pipe
+publishes them as :data:`enjent.cluster.bus.Kind.DEAD` envelopes; when the pipe
 closes (the supervisor is gone) the broker exits, so it is never orphaned.
 """
 
@@ -18,7 +18,7 @@ import threading
 
 import zmq
 
-from enjent import bus
+from enjent.cluster import bus
 
 logger = logging.getLogger("enjent.broker")
 

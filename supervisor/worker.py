@@ -15,7 +15,6 @@ import ctypes
 import dataclasses
 import logging
 import os
-import secrets
 import signal
 import ssl as ssl_module
 import sys
@@ -69,9 +68,7 @@ def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> in
         logger.exception("worker %d: cannot load the application", spec.shard)
         return APP_LOAD_ERROR
     # a fresh identity per process: client ids stay unique across restarts
-    server.shard = spec.shard
-    server._generation = secrets.token_hex(3)
-    server._next_id = 0
+    server.hub.ids.reset(spec.shard)
     result: int = run_event_loop(_serve(server, spec))
     return result
 
@@ -83,12 +80,12 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     cluster = ClusterClient(
-        server,
+        server.hub,
         shard=shard,
         publish_endpoint=spec.publish_endpoint,
         subscribe_endpoint=spec.subscribe_endpoint,
     )
-    server.cluster = cluster
+    server.attach_peers(cluster)
     cluster.start()
     try:
         await server.start(spec.host, spec.port, ssl=spec.ssl, reuse_port=True)

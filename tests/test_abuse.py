@@ -32,7 +32,7 @@ from clusterutil import Cluster, close_all, healthz_of, open_client_on, poll, wa
 from websockets.asyncio.client import ClientConnection, connect
 from wsutil import upgrade_request
 
-from enjent import bus
+from enjent.cluster import bus
 from enjent.frames import encode_frame
 
 HOST = "127.0.0.1"
@@ -58,8 +58,8 @@ SERVER_APP = textwrap.dedent(
     @server.on_message
     def on_message(client, message):
         if message == "stats":
-            client.send(json.dumps({**server.stats, "clients": len(server._clients),
-                                    "connections": len(server._connections)}))
+            client.send(json.dumps({**server.stats, "clients": len(server.local_clients),
+                                    "connections": server.connection_count}))
         elif isinstance(message, str) and message.startswith("pour:"):
             _, count, size = message.split(":")
             asyncio.get_running_loop().create_task(pour(int(count), int(size)))

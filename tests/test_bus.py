@@ -16,10 +16,12 @@ import msgpack
 import pytest
 import zmq
 
-from enjent import bus
-from enjent.bus import Kind
-from enjent.cluster import ClusterClient, shard_of
+from enjent.cluster import ClusterClient, bus
+from enjent.cluster.bus import Kind
+from enjent.cluster.zeromq import shard_of
 from enjent.exceptions import BusError
+from enjent.protocol import OutgoingMessage
+from enjent.server.ids import ClientIds
 
 # ------------------------------------------------------------ wire format
 
@@ -168,26 +170,34 @@ class FakeSub:
         self.subscriptions.append(value)
 
 
-class FakeServer:
-    """The few server attributes the receive path touches."""
+class FakeHub:
+    """The part of the hub's interface that the receive path uses."""
 
     def __init__(self) -> None:
-        self._generation = "self00"
-        self._clients: dict[str, Any] = {}
+        self.ids = ClientIds(0)
+        self.ids.generation = "self00"
+        self.clients: dict[str, Any] = {}
         self.stats: dict[str, int] = {}
         self.written: list[bytes] = []
 
-    def _write_all(self, clients: Any, frame: bytes, exclude: Any) -> int:
-        self.written.append(frame)
+    @property
+    def count(self) -> int:
+        return len(self.clients)
+
+    def get(self, client_id: str) -> Any:
+        return self.clients.get(client_id)
+
+    def write_all(self, clients: Any, message: OutgoingMessage, exclude: Any) -> int:
+        self.written.append(bytes(message.frame))
         return 0
 
-    def _deliver_rooms(self, names: Any, frame: bytes, exclude: Any) -> int:
-        self.written.append(frame)
+    def deliver_rooms(self, names: Any, message: OutgoingMessage, exclude: Any) -> int:
+        self.written.append(bytes(message.frame))
         return 0
 
 
-def make_client() -> tuple[ClusterClient, FakeSub, FakeServer]:
-    server = FakeServer()
+def make_client() -> tuple[ClusterClient, FakeSub, FakeHub]:
+    server = FakeHub()
     cluster = ClusterClient(
         server,  # type: ignore[arg-type]
         shard=0,

@@ -250,16 +250,16 @@ async def _two_shards(publish: str, subscribe: str) -> None:
     servers = [build_server(), build_server()]
     buses = []
     for shard, server in enumerate(servers):
-        server.shard = shard
+        server.hub.ids.reset(shard)
         bus = ClusterClient(
-            server,
+            server.hub,
             shard=shard,
             publish_endpoint=publish,
             subscribe_endpoint=subscribe,
             heartbeat_interval=3600.0,
             peer_timeout=7200.0,
         )
-        server.cluster = bus
+        server.attach_peers(bus)
         bus.start()
         buses.append(bus)
         await server.start("127.0.0.1", 0)

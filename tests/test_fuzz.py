@@ -4,7 +4,7 @@ Targets: the opening handshake as the server runs it (``Connection`` over a
 fake transport: ``parse_request``, ``validate_upgrade``, extension
 negotiation, the 101 or the refusal), the frame parser and state machine
 (``ServerProtocol.receive_data``, with and without permessage-deflate), and
-the bus (``enjent.bus.decode`` and ``ClusterClient._handle`` fed directly).
+the bus (``enjent.cluster.bus.decode`` and ``ClusterClient._handle`` fed directly).
 
 Seeds live in ``tests/corpus/`` (``http/``, ``frames/``, ``bus/``; inputs
 that once broke something in ``crashers/``, named ``<target>-<what>``): they
@@ -41,13 +41,13 @@ from hypothesis.stateful import (
 )
 
 from enjent import Accept, BusError, Close, Ping, Pong, WebSocketServer
-from enjent import bus as bus_format
-from enjent.bus import Kind
 from enjent.cluster import ClusterClient
-from enjent.connection import Connection
+from enjent.cluster import bus as bus_format
+from enjent.cluster.bus import Kind
 from enjent.deflate import DeflateOptions, Negotiated, PerMessageDeflate
 from enjent.frames import encode_close_payload, encode_frame
 from enjent.protocol import Event, ServerProtocol, State
+from enjent.server.connection import Connection
 
 CORPUS = Path(__file__).parent / "corpus"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -215,7 +215,7 @@ def drive(server: WebSocketServer, chunks: list[bytes]) -> tuple[Connection, Fak
     """Feed ``chunks`` to a fresh connection of ``server`` as successive reads."""
 
     async def run() -> tuple[Connection, FakeTransport]:
-        connection = Connection(server)
+        connection = server.new_connection()
         transport = FakeTransport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         for chunk in chunks:
@@ -301,7 +301,7 @@ def handshake_property(server_factory: Callable[[], WebSocketServer], careless: 
             assert whole.output.split(b"\r\n")[0] == transport.output.split(b"\r\n")[0]
         hang_up(connection)
         hang_up(whole_connection)
-        assert not server._clients
+        assert not server.local_clients
 
     return prop
 
@@ -713,9 +713,9 @@ def bus_target() -> tuple[ClusterClient, Connection, FakeTransport]:
     """A worker's bus client (sockets never opened) with one local client."""
     server = plain_server()
     cluster = ClusterClient(
-        server, shard=0, publish_endpoint="ipc://unused", subscribe_endpoint="ipc://unused"
+        server.hub, shard=0, publish_endpoint="ipc://unused", subscribe_endpoint="ipc://unused"
     )
-    server.cluster = cluster
+    server.attach_peers(cluster)
     handshake = (CORPUS / "http" / "rfc6455-example.http").read_bytes()
     connection, transport = drive(server, [handshake])
     assert connection.client is not None

@@ -16,7 +16,7 @@ from clusterutil import Cluster, wait_for
 from wsutil import HOST, async_test, raw_http, recv, ws_connect
 
 from enjent import WebSocketServer, WebSocketServerError
-from enjent.metrics import WorkerSample, render_metrics
+from enjent.server.metrics import WorkerSample, render_metrics
 
 SAMPLE = re.compile(r"^(enjent_[a-z_]+)(\{[^}]*\})? (\d+)$")
 

@@ -9,7 +9,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from wsutil import HOST, async_test, eventually, recv, ws_connect
 
-import enjent.server
+import enjent.protocol
 from enjent import Room, RoomUnion, WebSocketClient, WebSocketServer
 
 
@@ -183,7 +183,7 @@ async def test_a_broadcast_encodes_its_frame_once(monkeypatch: pytest.MonkeyPatc
     server = WebSocketServer()
     clients = Clients(server)
     encoded: list[int] = []
-    real_encode_frame = enjent.server.encode_frame
+    real_encode_frame = enjent.protocol.encode_frame
 
     def counting_encode_frame(opcode: int, payload: Any, **kwargs: Any) -> bytes:
         encoded.append(opcode)
@@ -194,7 +194,7 @@ async def test_a_broadcast_encodes_its_frame_once(monkeypatch: pytest.MonkeyPatc
         for client in members:
             client.join("room")
         members[0].join("other")
-        monkeypatch.setattr(enjent.server, "encode_frame", counting_encode_frame)
+        monkeypatch.setattr(enjent.protocol, "encode_frame", counting_encode_frame)
         assert server.broadcast("x" * 1000) == 4
         assert server.room("room").broadcast(b"y" * 1000) == 4
         assert Room.union(server.room("room"), server.room("other")).broadcast("z") == 4

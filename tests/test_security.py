@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from wsutil import KEY, upgrade_request
 
 from enjent import Accept, BusError, HandshakeRejected, Response, WebSocketServer
-from enjent import bus as bus_format
+from enjent.cluster import bus as bus_format
 from enjent.frames import encode_frame
 
 HOST = "127.0.0.1"
@@ -63,7 +63,13 @@ def test_runtime_directory_is_private() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["enjent/bus.py", "enjent/cluster.py", "supervisor/broker.py", "supervisor/worker.py"]
+    "module",
+    [
+        "enjent/cluster/bus.py",
+        "enjent/cluster/zeromq.py",
+        "supervisor/broker.py",
+        "supervisor/worker.py",
+    ],
 )
 def test_no_pickle_on_the_bus(module: str) -> None:
     tree = ast.parse((REPO / module).read_text())

@@ -12,12 +12,13 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from .frames import CloseCode
-from .http11 import Request
+from ..exceptions import ConnectionClosedError
+from ..frames import CloseCode
+from ..http11 import Request
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .server import WebSocketServer
+    from .hub import Hub
 
 __all__ = ["WebSocketClient"]
 
@@ -34,15 +35,17 @@ class WebSocketClient:
     - ``data``: whatever the ``on_handshake`` hook attached (default ``None``).
 
     A subclass may add attributes; declare them in ``__slots__`` to keep
-    memory per connection low.
+    memory per connection low. ``connection`` and ``hub`` are the server's
+    (the client's transport and the registry it belongs to): do not reuse
+    those names.
     """
 
     __slots__ = (
-        "_connection",
         "_rooms",
-        "_server",
         "connected_at",
+        "connection",
         "data",
+        "hub",
         "id",
         "request",
         "subprotocol",
@@ -54,8 +57,10 @@ class WebSocketClient:
         self.connected_at = time.time()
         self.subprotocol: str | None = None
         self.data: Any = None
-        self._connection: Connection | None = None
-        self._server: WebSocketServer | None = None
+        #: The connection this client is served on (``None`` before the handshake).
+        self.connection: Connection | None = None
+        #: The registry of the process's clients (``None`` before the handshake).
+        self.hub: Hub | None = None
         self._rooms: set[str] | None = None
 
     # ------------------------------------------------------------- identity
@@ -68,17 +73,17 @@ class WebSocketClient:
         proxy) or ``X-Real-Ip`` are honoured only when the TCP peer is one of
         the server's ``trusted_proxies``.
         """
-        server = self._server
+        hub = self.hub
         peer = self.request.remote_address
         host = peer[0] if peer else None
-        if server is None or host is None:
+        if hub is None or host is None:
             return host
-        return server._client_address(host, self.request.headers)
+        return hub.proxies.client_address(host, self.request.headers)
 
     @property
     def is_open(self) -> bool:
         """Whether messages can still be sent to this client."""
-        connection = self._connection
+        connection = self.connection
         return connection is not None and connection.is_open()
 
     # ------------------------------------------------------------- messages
@@ -89,23 +94,21 @@ class WebSocketClient:
         Returns ``False`` when the client is closed or is a slow consumer
         over its ``write_limit`` (the server then closes it with 1008).
         """
-        connection = self._connection
+        connection = self.connection
         if connection is None:
             return False
         return connection.send_message(data)
 
     def drain(self) -> Awaitable[None]:
         """Wait until the write buffer is below the server's low-water mark."""
-        connection = self._connection
+        connection = self.connection
         if connection is None:
-            from .exceptions import ConnectionClosedError
-
             raise ConnectionClosedError(f"client {self.id} is not connected")
         return connection.drain()
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (non-blocking); ``on_disconnect`` follows."""
-        connection = self._connection
+        connection = self.connection
         if connection is not None:
             connection.close_websocket(code, reason)
 
@@ -113,25 +116,25 @@ class WebSocketClient:
 
     def join(self, name: str) -> None:
         """Join the room ``name`` (created on first use); a no-op once disconnected."""
-        server = self._server
-        if server is None:
+        hub = self.hub
+        if hub is None:
             raise RuntimeError("join() needs a client connected to a server")
-        if server._clients.get(self.id) is not self:
+        if not hub.is_connected(self):
             return  # gone: joining now would leave a dead member in the room forever
         rooms = self._rooms
         if rooms is None:
             rooms = self._rooms = set()
         if name not in rooms:
             rooms.add(name)
-            server._room_join(self, name)
+            hub.join(self, name)
 
     def leave(self, name: str) -> None:
         """Leave the room ``name``; a no-op if not a member."""
         rooms = self._rooms
         if rooms and name in rooms:
             rooms.discard(name)
-            assert self._server is not None
-            self._server._room_leave(self, name)
+            assert self.hub is not None
+            self.hub.leave(self, name)
 
     @property
     def rooms(self) -> frozenset[str]:

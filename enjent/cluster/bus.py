@@ -51,7 +51,7 @@ from typing import Any
 
 import msgpack
 
-from .exceptions import BusError
+from ..exceptions import BusError
 
 __all__ = [
     "MAX_BODY",

@@ -1,7 +1,7 @@
 """Named groups of clients: :class:`Room` and unions of rooms.
 
-Server layer (layer 2 of docs/architecture.md). A ``Room`` is a handle (a name and a
-server); members live in the server, so a handle never goes stale and an
+Server layer (layer 2 of docs/architecture.md). A ``Room`` is a handle (a name and the
+hub of clients); members live in the hub, so a handle never goes stale and an
 empty room costs nothing. ``Room.union`` is the original's Aggregate.
 """
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .client import WebSocketClient
-    from .server import WebSocketServer
+    from .hub import Hub
 
 __all__ = ["Room", "RoomUnion"]
 
@@ -24,31 +24,32 @@ class Room:
     ``len``, ``in`` and iteration see this worker's members only.
     """
 
-    __slots__ = ("name", "server")
+    __slots__ = ("hub", "name")
 
-    def __init__(self, server: WebSocketServer, name: str) -> None:
-        self.server = server
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.hub = hub
         self.name = name
 
-    def _members(self) -> set[WebSocketClient]:
-        return self.server._rooms.get(self.name) or set()
+    def members(self) -> set[WebSocketClient]:
+        """This worker's members (a live set: copy it before changing rooms)."""
+        return self.hub.members(self.name)
 
     def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
         """Send ``data`` to every member (encoded once); return local writes."""
-        return self.server._broadcast_room(self.name, data, exclude)
+        return self.hub.broadcast_rooms([self.name], data, exclude)
 
     def __len__(self) -> int:
-        return len(self._members())
+        return len(self.members())
 
     def __contains__(self, client: object) -> bool:
-        return client in self._members()
+        return client in self.members()
 
     def __iter__(self) -> Iterator[WebSocketClient]:
-        return iter(list(self._members()))
+        return iter(list(self.members()))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Room):
-            return self.server is other.server and self.name == other.name
+            return self.hub is other.hub and self.name == other.name
         return NotImplemented
 
     def __hash__(self) -> int:
@@ -73,27 +74,28 @@ class RoomUnion:
     def __init__(self, rooms: tuple[Room, ...]) -> None:
         self.rooms = rooms
 
-    def _members(self) -> set[WebSocketClient]:
+    def members(self) -> set[WebSocketClient]:
+        """This worker's members of any of the rooms, each once."""
         members: set[WebSocketClient] = set()
         for room in self.rooms:
-            members |= room._members()
+            members |= room.members()
         return members
 
     def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
         """Send ``data`` once to each client of any of the rooms."""
         if not self.rooms:
             return 0
-        server = self.rooms[0].server
-        return server._broadcast_rooms([room.name for room in self.rooms], data, exclude)
+        hub = self.rooms[0].hub
+        return hub.broadcast_rooms([room.name for room in self.rooms], data, exclude)
 
     def __len__(self) -> int:
-        return len(self._members())
+        return len(self.members())
 
     def __contains__(self, client: object) -> bool:
         return any(client in room for room in self.rooms)
 
     def __iter__(self) -> Iterator[WebSocketClient]:
-        return iter(list(self._members()))
+        return iter(list(self.members()))
 
     def __repr__(self) -> str:
         return f"<RoomUnion {[room.name for room in self.rooms]!r}>"

@@ -1,7 +1,7 @@
 """The bus client of one worker: one logical server over ZeroMQ pub/sub.
 
 Cluster layer (layer 3 of docs/architecture.md). A :class:`ClusterClient` is plugged
-into a :class:`~enjent.WebSocketServer` as ``server.cluster`` in each worker
+into a :class:`~enjent.WebSocketServer` (``server.attach_peers()``) in each worker
 process, after fork. It publishes this worker's client events and its
 cross-shard messages, delivers what other workers publish, and keeps the
 directory of every client of the cluster. The wire format is in
@@ -29,15 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ..exceptions import BusError
+from ..frames import CloseCode
+from ..protocol import OutgoingMessage
+from ..server.ids import ClientIds
+from ..server.metrics import WorkerSample
 from . import bus
 from .bus import Kind
-from .exceptions import BusError
-from .frames import CloseCode
-from .metrics import WorkerSample
 
 if TYPE_CHECKING:
-    from .client import WebSocketClient
-    from .server import WebSocketServer
+    from ..server.client import WebSocketClient
+    from ..server.hub import Hub
 
 __all__ = ["ClusterClient", "RemoteClient"]
 
@@ -91,12 +93,7 @@ class Peer:
     mismatches: int = 0
 
 
-def shard_of(client_id: str) -> int | None:
-    """The worker that owns ``client_id`` (ids start with ``<shard>-``)."""
-    head, sep, _ = client_id.partition("-")
-    if not sep or not head.isdigit():
-        return None
-    return int(head)
+shard_of = ClientIds.shard_of
 
 
 class ClusterClient:
@@ -108,7 +105,7 @@ class ClusterClient:
 
     def __init__(
         self,
-        server: WebSocketServer,
+        hub: Hub,
         *,
         shard: int,
         publish_endpoint: str,
@@ -118,9 +115,9 @@ class ClusterClient:
         heartbeat_interval: float = 1.0,
         peer_timeout: float = 5.0,
     ) -> None:
-        self.server = server
+        self.hub = hub
         self.shard = shard
-        self.generation = server._generation
+        self.generation = hub.ids.generation
         self.publish_endpoint = publish_endpoint
         self.subscribe_endpoint = subscribe_endpoint
         self.high_water_mark = high_water_mark
@@ -128,7 +125,7 @@ class ClusterClient:
         self.heartbeat_interval = heartbeat_interval
         self.peer_timeout = peer_timeout
         #: The clients of the *other* workers: id -> (shard, path, connected_at).
-        #: This worker's own clients are ``server._clients``; not storing them
+        #: This worker's own clients are ``hub.clients``; not storing them
         #: twice saves memory on every worker.
         self.directory: dict[str, tuple[int, str, float]] = {}
         self._shard_counts: collections.Counter[int] = collections.Counter()
@@ -249,20 +246,19 @@ class ClusterClient:
         if shard is None:
             return False
         if shard == self.shard:
-            local = self.server._clients.get(client_id)
+            local = self.hub.get(client_id)
             return local.send(data) if local is not None else False
         if client_id not in self.directory:
             return False
-        from .server import _encode_message
-
-        return self._publish(bus.shard_topic(shard), Kind.SEND, client_id, _encode_message(data))
+        frame = OutgoingMessage.of(data).frame
+        return self._publish(bus.shard_topic(shard), Kind.SEND, client_id, frame)
 
     def close_remote(self, client_id: str, code: int, reason: str) -> None:
         shard = shard_of(client_id)
         if shard is None:
             return
         if shard == self.shard:
-            local = self.server._clients.get(client_id)
+            local = self.hub.get(client_id)
             if local is not None:
                 local.close(code, reason)
             return
@@ -321,7 +317,7 @@ class ClusterClient:
         return len(doomed)
 
     def client_count(self) -> int:
-        return len(self.server._clients) + len(self.directory)
+        return self.hub.count + len(self.directory)
 
     def get_client(self, client_id: str) -> RemoteClient | None:
         entry = self.directory.get(client_id)
@@ -329,21 +325,20 @@ class ClusterClient:
             return None
         return RemoteClient(self, client_id, entry[0], entry[1], entry[2])
 
-    def all_clients(self) -> list[Any]:
-        """This worker's clients, then proxies for every other worker's."""
-        remote = [
+    def remote_clients(self) -> list[Any]:
+        """Proxies for every other worker's clients."""
+        return [
             RemoteClient(self, client_id, entry[0], entry[1], entry[2])
             for client_id, entry in self.directory.items()
         ]
-        return [*self.server._clients.values(), *remote]
 
     def health(self) -> dict[str, Any]:
-        server = self.server
+        hub = self.hub
         workers = [
             {
                 "shard": self.shard,
                 "pid": os.getpid(),
-                "clients": len(server._clients),
+                "clients": hub.count,
                 "generation": self.generation,
             }
         ]
@@ -362,20 +357,18 @@ class ClusterClient:
             )
         return {
             "status": "ok",
-            "clients": len(server._clients) + len(self.directory),
-            "local_clients": len(server._clients),
+            "clients": hub.count + len(self.directory),
+            "local_clients": hub.count,
             "shard": self.shard,
             "workers": workers,
             "bus": dict(self.counters),
-            "stats": dict(server.stats),
+            "stats": dict(hub.stats),
         }
 
     def metrics_samples(self) -> list[WorkerSample]:
         """This worker's figures, and each peer's from its last heartbeat."""
-        server = self.server
-        samples = [
-            WorkerSample(self.shard, len(server._clients), dict(server.stats), dict(self.counters))
-        ]
+        hub = self.hub
+        samples = [WorkerSample(self.shard, hub.count, dict(hub.stats), dict(self.counters))]
         for shard, peer in sorted(self.peers.items()):
             stats = peer.stats
             server_stats = stats.get("server")
@@ -458,12 +451,12 @@ class ClusterClient:
             raise BusError(f"malformed {kind.name} envelope ({type(exc).__name__})") from None
 
     def _dispatch(self, kind: Kind, origin: int, generation: str, fields: list[Any]) -> None:
-        server = self.server
+        hub = self.hub
         if kind is Kind.BROADCAST:
             frame, exclude_id = fields
             _check_bytes(frame)
-            exclude = server._clients.get(exclude_id) if exclude_id else None
-            server._write_all(server._clients.values(), frame, exclude)
+            exclude = hub.get(exclude_id) if exclude_id else None
+            hub.write_all(hub.clients.values(), OutgoingMessage.from_frame(frame), exclude)
         elif kind is Kind.ROOM:
             names, frame, exclude_id, message_id = fields
             _check_bytes(frame)
@@ -477,17 +470,17 @@ class ClusterClient:
                 self._recent_room_messages.append(key)
                 if len(self._recent_room_messages) > _DEDUP_WINDOW:
                     self._recent_room_set.discard(self._recent_room_messages.popleft())
-            exclude = server._clients.get(exclude_id) if exclude_id else None
-            server._deliver_rooms(names, frame, exclude)
+            exclude = hub.get(exclude_id) if exclude_id else None
+            hub.deliver_rooms(names, OutgoingMessage.from_frame(frame), exclude)
         elif kind is Kind.SEND:
             client_id, frame = fields
             _check_bytes(frame)
-            client = server._clients.get(client_id)
-            if client is not None and client._connection is not None:
-                client._connection.send_frame(frame)
+            client = hub.get(client_id)
+            if client is not None:
+                hub.write_all((client,), OutgoingMessage.from_frame(frame), None)
         elif kind is Kind.CLOSE:
             client_id, code, reason = fields
-            client = server._clients.get(client_id)
+            client = hub.get(client_id)
             if client is not None:
                 client.close(int(code), str(reason))
         elif kind is Kind.CONNECT:
@@ -503,7 +496,7 @@ class ClusterClient:
             reply_shard = int(fields[0])
             snapshot = [
                 [client.id, client.request.path, client.connected_at]
-                for client in server._clients.values()
+                for client in hub.clients.values()
             ]
             self._publish(bus.shard_topic(reply_shard), Kind.SNAPSHOT, snapshot)
         elif kind is Kind.SNAPSHOT:
@@ -568,8 +561,8 @@ class ClusterClient:
                 bus.TOPIC_DIRECTORY,
                 Kind.HEARTBEAT,
                 os.getpid(),
-                len(self.server._clients),
-                {"bus": dict(self.counters), "server": dict(self.server.stats)},
+                self.hub.count,
+                {"bus": dict(self.counters), "server": dict(self.hub.stats)},
             )
             now = time.monotonic()
             for shard, peer in list(self.peers.items()):

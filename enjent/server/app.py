@@ -1,0 +1,428 @@
+"""The application's server: :class:`WebSocketServer`, the front object.
+
+Server layer (layer 2 of docs/architecture.md). It takes the options,
+registers the handlers, starts and stops listening, and wires together the
+parts that do the work (options, handlers, handshake policy, hub,
+connections, sweep: see :mod:`enjent.server`). On a cluster a worker plugs
+the bus engine in with :meth:`WebSocketServer.attach_peers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import ssl as ssl_module
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from ..deflate import DeflateOptions
+from ..exceptions import WebSocketServerError
+from ..frames import CloseCode
+from ..http11 import Request
+from .client import WebSocketClient
+from .connection import Connection, ServerState
+from .handlers import Handlers
+from .hub import Hub, TrustedProxies
+from .keepalive import sweep_forever
+from .options import OptionView, ServerOptions
+from .peers import Peers
+from .policy import HandshakePolicy
+from .rooms import Room
+from .running import (
+    configure_default_logging,
+    refuse_inside_a_loop,
+    refuse_while_importing,
+    run_event_loop,
+    serve_until_signal,
+    url_of,
+)
+
+__all__ = ["WebSocketServer"]
+
+logger = logging.getLogger("enjent.server")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_STATS = (
+    "connections_accepted",
+    "handshakes_refused",
+    "handshake_timeouts",
+    "keepalive_timeouts",
+    "protocol_errors",
+    "slow_consumers_closed",
+    "handler_errors",
+    "http_responses",
+    "messages_received",
+    "messages_sent",
+    "bytes_received",
+    "bytes_sent",
+)
+
+
+class WebSocketServer:
+    """A WebSocket server: register handlers, then ``run`` or ``start`` it.
+
+    Every option is keyword-only, with a safe default; they are documented
+    by group in :mod:`enjent.server.options` (:class:`~.options.Limits`:
+    ``max_message_size`` 1 MiB once decompressed, ``max_connections`` 25,000
+    per worker, ``write_limit`` 512 KiB, ``max_request_size``,
+    ``max_request_line``; :class:`~.options.Timeouts`: ``handshake_timeout``,
+    ``ping_interval`` (``None``: no keepalive), ``ping_timeout``,
+    ``close_timeout``, ``sweep_interval``; :class:`~.options.HandshakeOptions`:
+    ``subprotocols``, ``allowed_origins`` (``None`` in the list admits
+    clients without Origin), ``health_path``, ``metrics_path``,
+    ``trusted_proxies``, ``client_class`` / ``client_factory``,
+    ``server_header``, ``access_log``) and ``compression`` (``"deflate"``,
+    ``None`` or a :class:`~enjent.deflate.DeflateOptions`). Each is readable
+    as an attribute (``server.close_timeout``); :meth:`configure` changes them.
+
+    Slow consumers: a client whose unsent data exceeds ``write_limit`` is
+    not read from until it drains; a message sent to it meanwhile is refused
+    (``send`` returns ``False``) and it is closed with 1008. Memory per
+    client is thus bounded by about ``write_limit`` plus one message.
+    """
+
+    compression: OptionView[DeflateOptions | None] = OptionView()
+    subprotocols: OptionView[tuple[str, ...]] = OptionView()
+    allowed_origins: OptionView[frozenset[str | None] | None] = OptionView()
+    health_path: OptionView[str | None] = OptionView()
+    metrics_path: OptionView[str | None] = OptionView()
+    trusted_proxies: OptionView[tuple[Any, ...]] = OptionView()
+    client_class: OptionView[type[WebSocketClient]] = OptionView()
+    client_factory: OptionView[Callable[[Request], WebSocketClient] | None] = OptionView()
+    server_header: OptionView[str | None] = OptionView()
+    access_log: OptionView[bool] = OptionView()
+    max_message_size: OptionView[int] = OptionView()
+    max_connections: OptionView[int] = OptionView()
+    write_limit: OptionView[int] = OptionView()
+    max_request_size: OptionView[int] = OptionView()
+    max_request_line: OptionView[int] = OptionView()
+    handshake_timeout: OptionView[float] = OptionView()
+    ping_interval: OptionView[float | None] = OptionView()
+    ping_timeout: OptionView[float] = OptionView()
+    close_timeout: OptionView[float] = OptionView()
+    sweep_interval: OptionView[float] = OptionView()
+
+    def __init__(
+        self,
+        *,
+        subprotocols: Sequence[str] = (),
+        allowed_origins: Iterable[str | None] | None = None,
+        health_path: str | None = "/healthz",
+        metrics_path: str | None = "/metrics",
+        trusted_proxies: Iterable[str] = (),
+        client_class: type[WebSocketClient] = WebSocketClient,
+        client_factory: Callable[[Request], WebSocketClient] | None = None,
+        server_header: str | None = "enjent",
+        access_log: bool = False,
+        compression: str | DeflateOptions | None = "deflate",
+        max_message_size: int = 1 << 20,
+        max_connections: int = 25_000,
+        write_limit: int = 512 * 1024,
+        max_request_size: int = 16 * 1024,
+        max_request_line: int = 8 * 1024,
+        handshake_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float = 20.0,
+        close_timeout: float = 5.0,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        #: Counters of this process (``/healthz``, ``/metrics``).
+        self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
+        self.hub = Hub(self.stats)
+        self._handlers = Handlers(self.stats)
+        defaults = ServerOptions()
+        self._policy = HandshakePolicy(defaults, self.hub)
+        self._state = ServerState(defaults, self._policy, self.hub, self._handlers, self.stats)
+        self._options = defaults
+        given = locals()  # exactly the keyword arguments above
+        self.configure(**{name: given[name] for name in ServerOptions.names()})
+        self._listener: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------ options
+
+    @property
+    def options(self) -> ServerOptions:
+        """Every option in force, by group (frozen; change them with :meth:`configure`)."""
+        return self._options
+
+    def configure(self, **options: Any) -> None:
+        """Change options by name, with the checks of the constructor.
+
+        What ``enjent run`` uses to apply the command line and ``ENJENT_*``
+        over the app's own values. Connections opened afterwards see the new
+        values; limits of connections already open stay as they were.
+        Raises ``TypeError`` for an unknown option and ``ValueError`` for a
+        bad value.
+        """
+        updated = self._options.replace(**options)
+        self._options = updated
+        self._policy.options = updated
+        self._state.options = updated
+        self.hub.proxies = TrustedProxies(updated.handshake.trusted_proxies)
+
+    # ------------------------------------------------------------ handlers
+
+    def on_connect(self, handler: F) -> F:
+        """Register ``handler(client)``, called once the handshake succeeded."""
+        self._handlers.connect.append(handler)
+        return handler
+
+    def on_message(self, handler: F) -> F:
+        """Register ``handler(client, message)``; ``message`` is str or bytes."""
+        self._handlers.add_message_handler(handler)
+        return handler
+
+    def on_disconnect(self, handler: F) -> F:
+        """Register ``handler(client, code, reason)``, called once per client."""
+        self._handlers.disconnect.append(handler)
+        return handler
+
+    def on_error(self, handler: F) -> F:
+        """Register ``handler(client_or_None, exc)`` for exceptions in handlers."""
+        self._handlers.error.append(handler)
+        return handler
+
+    def on_control_frame(self, handler: F) -> F:
+        """Register ``handler(client, event)`` for pings and pongs received."""
+        self._handlers.control.append(handler)
+        return handler
+
+    def on_handshake(self, hook: F) -> F:
+        """Register ``hook(request)`` run before a client is accepted.
+
+        It may return ``None`` (accept), :class:`Accept` (choose the
+        subprotocol, attach ``data``, add headers), :class:`Response` (answer
+        with plain HTTP: refuse with 401/403, or serve a page), or raise
+        :class:`~enjent.HandshakeRejected`. It runs for plain HTTP requests
+        too, so it can serve a page at ``/``. It must be a plain function
+        that does not block (the handshake is answered within one read);
+        do slow authentication in ``on_connect`` and close the client there.
+        """
+        self._policy.add_hook(hook)
+        return hook
+
+    # ------------------------------------------------------ clients, rooms
+
+    @property
+    def shard(self) -> int:
+        """This worker's index in the cluster (0 on one process)."""
+        return self.hub.ids.shard
+
+    @property
+    def peers(self) -> Peers:
+        """The cluster engine (:class:`~enjent.server.peers.LocalPeers` on one process)."""
+        return self.hub.peers
+
+    def attach_peers(self, peers: Peers) -> None:
+        """Plug a cluster engine in (a worker does, before :meth:`start`)."""
+        self.hub.peers = peers
+
+    @property
+    def clients(self) -> list[Any]:
+        """Every client (on a cluster: proxies for the other workers' clients)."""
+        return [*self.hub.clients.values(), *self.hub.peers.remote_clients()]
+
+    @property
+    def local_clients(self) -> list[WebSocketClient]:
+        """The clients connected to this process."""
+        return list(self.hub.clients.values())
+
+    @property
+    def connection_count(self) -> int:
+        """Open TCP connections of this process, handshakes in progress included."""
+        return len(self._state.connections)
+
+    @property
+    def client_count(self) -> int:
+        """The number of connected clients (cluster-wide on a cluster)."""
+        return self.hub.peers.client_count()
+
+    def get_client(self, client_id: str) -> Any:
+        """The client with this id (a proxy if on another worker), or ``None``."""
+        return self.hub.find(client_id)
+
+    def send(self, client_id: str, data: str | bytes) -> bool:
+        """Send to the client ``client_id`` wherever it is connected.
+
+        Returns ``False`` if no such client is known (or it is closed here).
+        """
+        return self.hub.send(client_id, data)
+
+    def room(self, name: str) -> Room:
+        """The room called ``name`` (a handle; members join with ``client.join``)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a room name is a non-empty str")
+        return Room(self.hub, name)
+
+    @property
+    def rooms(self) -> list[str]:
+        """The names of the rooms with members on this process."""
+        return self.hub.room_names
+
+    def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
+        """Send ``data`` to every client (every worker on a cluster).
+
+        The frame is encoded once and the same bytes go to every transport.
+        Returns the number of clients of this process it was written to.
+        """
+        return self.hub.broadcast(data, exclude)
+
+    def health(self) -> dict[str, Any]:
+        """What the health path answers: counts for load balancers."""
+        return self._policy.health()
+
+    def metrics(self) -> str:
+        """What the metrics path answers: Prometheus text, per worker and summed.
+
+        On a cluster the other workers' figures come from their heartbeats
+        (at most a heartbeat interval old).
+        """
+        return self._policy.metrics()
+
+    # ---------------------------------------------------------- lifecycle
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 13003,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        reuse_port: bool = False,
+        sock: Any = None,
+        backlog: int = 1024,
+    ) -> None:
+        """Listen on ``host:port`` and serve until :meth:`stop`."""
+        if self._listener is not None:
+            raise WebSocketServerError("this server is already started")
+        refuse_while_importing("start()")
+        loop = asyncio.get_running_loop()
+        state = self._state
+        state.now = loop.time()
+        self._stopping = False
+        try:
+            if sock is not None:
+                self._listener = await loop.create_server(
+                    self.new_connection, sock=sock, ssl=ssl, backlog=backlog
+                )
+            else:
+                self._listener = await loop.create_server(
+                    self.new_connection,
+                    host,
+                    port,
+                    ssl=ssl,
+                    reuse_port=reuse_port or None,
+                    backlog=backlog,
+                )
+        except OSError as exc:
+            raise WebSocketServerError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        self._sweeper = loop.create_task(sweep_forever(state))
+        logger.debug("listening on %s", ", ".join(str(s.getsockname()) for s in self.sockets))
+
+    def new_connection(self) -> Connection:
+        """The ``asyncio.Protocol`` of one more client (``loop.create_server`` calls it)."""
+        return Connection(self._state)
+
+    @property
+    def sockets(self) -> list[Any]:
+        """The listening sockets (to find the port when started with port 0)."""
+        return list(self._listener.sockets) if self._listener is not None else []
+
+    @property
+    def port(self) -> int:
+        """The port of the first listening socket."""
+        sockets = self.sockets
+        if not sockets:
+            raise WebSocketServerError("the server is not listening")
+        return int(sockets[0].getsockname()[1])
+
+    async def stop(self, *, close_timeout: float | None = None) -> None:
+        """Stop gracefully: stop accepting, Close 1001 to every client, wait.
+
+        Clients still connected after ``close_timeout`` are aborted.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        timeout = self.close_timeout if close_timeout is None else close_timeout
+        loop = asyncio.get_running_loop()
+        connections = self._state.connections
+        if self._listener is not None:
+            self._listener.close()
+        for connection in list(connections):
+            if connection.client is None:
+                if connection.transport is not None:
+                    connection.transport.close()
+            else:
+                connection.close_websocket(CloseCode.GOING_AWAY, "server shutting down")
+        deadline = loop.time() + timeout
+        while connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        await asyncio.sleep(0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self._handlers.wait_tasks(timeout)
+        if self._listener is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._listener.wait_closed(), timeout)
+            self._listener = None
+        logger.info("stopped")
+
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 13003, **kwargs: Any
+    ) -> AsyncIterator[WebSocketServer]:
+        """``async with server.serve(host, port):`` — start, then stop on exit."""
+        await self.start(host, port, **kwargs)
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 13003,
+        *,
+        workers: int = 1,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        """Serve until SIGINT/SIGTERM, then stop gracefully.
+
+        ``workers=1`` serves in this process (no fork, no external service);
+        ``workers > 1`` runs the supervisor, one worker process per worker.
+        SIGHUP is logged and ignored by one process (it cannot reload
+        without dropping its clients); with workers, it replaces them.
+        """
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        refuse_while_importing("run()")
+        refuse_inside_a_loop()
+        configure_default_logging()
+        if workers > 1:
+            # the supervisor is layer 4: imported only when asked for
+            arbiter = importlib.import_module("enjent_supervisor.arbiter")
+            code = arbiter.run_cluster(self, host, port, workers=workers, ssl=ssl)
+            if code:
+                raise SystemExit(code)
+            return
+        scheme = "ws" if ssl is None else "wss"
+        run_event_loop(
+            serve_until_signal(
+                lambda: self.start(host, port, ssl=ssl),
+                self.stop,
+                lambda: ", ".join(url_of(scheme, sock) for sock in self.sockets),
+            )
+        )
