@@ -18,6 +18,7 @@ from .exceptions import (
     EnjentError,
     HandshakeRejected,
     ProtocolError,
+    RoomLimitError,
     WebSocketNegotiationError,
     WebSocketServerError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Request",
     "Response",
     "Room",
+    "RoomLimitError",
     "RoomUnion",
     "WebSocketClient",
     "WebSocketNegotiationError",

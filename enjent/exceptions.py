@@ -12,6 +12,8 @@
     ├── ProtocolError                   a peer broke RFC 6455; carries the
     │                                   close code to fail the connection with
     ├── ConnectionClosedError           an operation on a closed connection
+    ├── RoomLimitError                  a room name too long, or a client in
+    │                                   too many rooms (also a ValueError)
     └── BusError                        the cluster bus is misconfigured or
                                         an envelope is malformed
 
@@ -31,6 +33,7 @@ __all__ = [
     "EnjentError",
     "HandshakeRejected",
     "ProtocolError",
+    "RoomLimitError",
     "WebSocketNegotiationError",
     "WebSocketServerError",
 ]
@@ -85,6 +88,15 @@ class ProtocolError(EnjentError):
 
 class ConnectionClosedError(EnjentError):
     """An operation needs an open connection and this one is closed."""
+
+
+class RoomLimitError(EnjentError, ValueError):
+    """A room name over ``max_room_name`` bytes, or a join over ``max_rooms_per_client``.
+
+    Raised to the application by ``client.join()`` and ``server.room()``:
+    room names often come from client input, and every room costs memory
+    in every worker that has members.
+    """
 
 
 class BusError(EnjentError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 
 from .exceptions import WebSocketNegotiationError
@@ -24,6 +25,14 @@ __all__ = [
 ]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+#: RFC 9110 §5.6.2: a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: RFC 9112 §3.2: ``uri-host [ ":" port ]`` (an IP literal, IPv4 or a registered name).
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
+#: The longest subprotocol name taken from a client.
+MAX_SUBPROTOCOL = 255
 
 
 def accept_key(key: str) -> str:
@@ -56,8 +65,16 @@ def validate_upgrade(request: Request) -> str:
             405, f"method {request.method} not allowed, use GET", headers=[("Allow", "GET")]
         )
     headers = request.headers
-    if "Host" not in headers:
+    hosts = headers.get_all("Host")
+    if not hosts:
         raise WebSocketNegotiationError(400, "missing Host header")
+    if len(hosts) != 1 or not _HOST.fullmatch(hosts[0]):
+        raise WebSocketNegotiationError(400, "exactly one well-formed Host header is required")
+    if "Content-Length" in headers or "Transfer-Encoding" in headers:
+        # a GET upgrade has no body: bytes after the head are WebSocket frames
+        raise WebSocketNegotiationError(400, "an upgrade request has no body")
+    if len(headers.get_all("Origin")) > 1:
+        raise WebSocketNegotiationError(400, "more than one Origin header")
     if not is_upgrade_request(request):
         raise WebSocketNegotiationError(
             426,
@@ -86,13 +103,22 @@ def validate_upgrade(request: Request) -> str:
     return key
 
 
+def is_token(text: str) -> bool:
+    """Whether ``text`` is an HTTP token (RFC 9110 §5.6.2) of at most 255 characters."""
+    return len(text) <= MAX_SUBPROTOCOL and _TOKEN.fullmatch(text) is not None
+
+
 def offered_subprotocols(request: Request) -> list[str]:
-    """The subprotocols the client offers, in its order of preference."""
+    """The subprotocols the client offers, in its order of preference.
+
+    Only HTTP tokens of at most 255 characters (RFC 6455 §4.1): anything
+    else is not a subprotocol, so it can never be echoed back.
+    """
     return [
         token.strip()
         for value in request.headers.get_all("Sec-WebSocket-Protocol")
         for token in value.split(",")
-        if token.strip()
+        if token.strip() and is_token(token.strip())
     ]
 
 

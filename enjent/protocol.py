@@ -157,9 +157,9 @@ class ServerProtocol:
         self._frag_opcode = 0  # opcode of the fragmented message in progress, 0: none
         self._frag_size = 0
         self._frag_compressed = False
-        #: the parts of a fragmented message in progress (a shared empty tuple
-        #: otherwise: an idle connection holds no list)
-        self._fragments: list[bytes] | list[str] | tuple[()] = ()
+        #: the payload of a fragmented message in progress, in one buffer (so
+        #: that it costs about its size however small the fragments), or None
+        self._fragments: bytearray | None = None
         self._decoder: codecs.IncrementalDecoder | None = None
 
     # ------------------------------------------------------------------ input
@@ -210,6 +210,10 @@ class ServerProtocol:
                     self._need = 4
                     break
                 length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:
+                    raise ProtocolError(
+                        CloseCode.PROTOCOL_ERROR, "non-minimal frame length (RFC 6455 §5.2)"
+                    )
                 header = 8
             else:
                 if end - pos < 10:
@@ -218,6 +222,10 @@ class ServerProtocol:
                 length = int.from_bytes(view[pos + 2 : pos + 10], "big")
                 if length >> 63:
                     raise ProtocolError(CloseCode.PROTOCOL_ERROR, "64-bit length with MSB set")
+                if length < 65536:
+                    raise ProtocolError(
+                        CloseCode.PROTOCOL_ERROR, "non-minimal frame length (RFC 6455 §5.2)"
+                    )
                 header = 14
             if not second & 0x80:
                 raise ProtocolError(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
@@ -411,36 +419,28 @@ class ServerProtocol:
         self._frag_opcode = opcode
         self._frag_compressed = compressed
         self._frag_size = len(payload)
+        self._fragments = bytearray(payload)
         if opcode == _OPCODE_TEXT:
             decoder = _UTF8_DECODER("strict")
             self._decoder = decoder
-            self._fragments = [self._decode_fragment(decoder, payload, False)]
-        else:
-            self._fragments = [payload]
+            self._decode_fragment(decoder, payload, False)  # fail fast on bad UTF-8
 
     def _add_fragment(self, payload: bytes, fin: bool) -> str | bytes | None:
         self._frag_size += len(payload)
+        buffer = self._fragments
+        assert buffer is not None
+        buffer += payload
         decoder = self._decoder
-        message: str | bytes | None = None
         if decoder is not None:
-            text_parts: list[str] = self._fragments  # type: ignore[assignment]
-            text = self._decode_fragment(decoder, payload, fin)
-            if text:  # endless empty fragments must not grow the list
-                text_parts.append(text)
-            if fin:
-                message = "".join(text_parts)
-        else:
-            binary_parts: list[bytes] = self._fragments  # type: ignore[assignment]
-            if payload:
-                binary_parts.append(payload)
-            if fin:
-                message = b"".join(binary_parts)
-        if fin:
-            self._frag_opcode = 0
-            self._frag_size = 0
-            self._frag_compressed = False
-            self._fragments = ()
-            self._decoder = None
+            self._decode_fragment(decoder, payload, fin)  # validated as it arrives
+        if not fin:
+            return None
+        message: str | bytes = buffer.decode("utf-8") if decoder is not None else bytes(buffer)
+        self._frag_opcode = 0
+        self._frag_size = 0
+        self._frag_compressed = False
+        self._fragments = None
+        self._decoder = None
         return message
 
     @staticmethod
@@ -491,7 +491,7 @@ class ServerProtocol:
         self.state = State.CLOSED
         self._buffer = None
         self._partial = None
-        self._fragments = ()
+        self._fragments = None
         self._decoder = None
         self.close_code = code
         self.close_reason = reason

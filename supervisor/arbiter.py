@@ -14,8 +14,12 @@ restarts what died and waits, always with a timeout.
   the runtime directory with the ipc sockets is removed.
 - SIGHUP: replace the workers one at a time (the app module is re-imported
   when it was given as ``MODULE:ATTR``). SIGTTIN / SIGTTOU: one worker more
-  / less. If the broker dies it is restarted; the workers' ZeroMQ sockets
-  reconnect by themselves.
+  / less. If the broker dies it is restarted, with a backoff (0.1 s doubling
+  up to 10 s) while it keeps dying; the workers' ZeroMQ sockets reconnect by
+  themselves. A broker that cannot start at all stops the supervisor (exit 3).
+- A worker beats through its pipe every second from its event loop; one
+  silent for ``worker_timeout`` seconds (hung, or stopped with SIGSTOP) is
+  killed and replaced, and the log says why.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ _SIGNALS = (
 )
 #: Seconds a worker may take to bind and report ready.
 BOOT_TIMEOUT = 30.0
+#: Seconds without a heartbeat before a booted worker is declared hung.
+WORKER_TIMEOUT = 30.0
+#: Broker restarts: the first delay, the cap, and how long it must live to reset.
+BROKER_BACKOFF = (0.1, 10.0, 10.0)
+#: Broker deaths before any worker booted that stop the supervisor.
+BROKER_START_ATTEMPTS = 3
 
 
 @dataclasses.dataclass
@@ -68,6 +78,8 @@ class Worker:
     started_at: float
     booted: bool = False
     retiring: bool = False
+    last_heartbeat: float = 0.0
+    hung: bool = False
 
 
 class Arbiter:
@@ -83,12 +95,21 @@ class Arbiter:
         ssl: ssl_module.SSLContext | None = None,
         close_timeout: float = 5.0,
         runtime_dir: str | None = None,
+        worker_timeout: float = WORKER_TIMEOUT,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         #: where the private directory of the bus's ipc:// sockets is made
         #: (``None``: the system's temporary directory)
         self.runtime_parent = runtime_dir
+        if not worker_timeout > 0:
+            raise ValueError("worker_timeout must be positive")
+        self.worker_timeout = worker_timeout
+        self._broker_backoff = BROKER_BACKOFF[0]
+        self._broker_started_at = 0.0
+        self._broker_restart_at = 0.0
+        self._broker_failures = 0
+        self._broker_was_up = False
         self.load_app = load_app
         self.host = host
         self.port = port
@@ -266,6 +287,7 @@ class Arbiter:
                 os.close(self.broker_control)
         self.broker_pid = pid
         self.broker_control = write_fd
+        self._broker_started_at = time.monotonic()
         logger.info("broker started (pid %d)", pid)
 
     def _spawn_worker(self, shard: int) -> None:
@@ -294,7 +316,8 @@ class Arbiter:
         pid = self._fork(child)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        self.workers[pid] = Worker(shard, pid, read_fd, time.monotonic())
+        now = time.monotonic()
+        self.workers[pid] = Worker(shard, pid, read_fd, now, last_heartbeat=now)
         logger.info("worker %d started (pid %d)", shard, pid)
 
     def _retire(self, worker: Worker) -> None:
@@ -303,9 +326,11 @@ class Arbiter:
             os.kill(worker.pid, signal.SIGTERM)
 
     def _maintain(self) -> None:
-        """Start the missing workers; go on with a SIGHUP replacement."""
+        """Start the missing workers and broker; go on with a SIGHUP replacement."""
         if self._stopping:
             return
+        if not self.broker_pid and time.monotonic() >= self._broker_restart_at:
+            self._spawn_broker()
         live = {w.shard for w in self.workers.values() if not w.retiring}
         for shard in range(self.num_workers):
             if shard not in live and not any(w.shard == shard for w in self.workers.values()):
@@ -331,8 +356,7 @@ class Arbiter:
             if pid == self.broker_pid:
                 self.broker_pid = 0
                 if not self._stopping:
-                    logger.error("broker (pid %d) died (%s); restarting it", pid, _describe(code))
-                    self._spawn_broker()
+                    self._broker_died(pid, code)
                 continue
             worker = self.workers.pop(pid, None)
             if worker is None:
@@ -360,6 +384,30 @@ class Arbiter:
                     _describe(code),
                 )
 
+    def _broker_died(self, pid: int, code: int) -> None:
+        """Restart the broker after a backoff that grows while it keeps dying."""
+        now = time.monotonic()
+        initial, cap, healthy = BROKER_BACKOFF
+        if now - self._broker_started_at > healthy:
+            self._broker_backoff = initial  # it had lived: start over
+            self._broker_was_up = True
+        self._broker_failures += 1
+        if not self._broker_was_up and self._broker_failures >= BROKER_START_ATTEMPTS:
+            logger.error(
+                "the bus broker cannot start (%s, %d attempts): stopping; see its error above",
+                _describe(code),
+                self._broker_failures,
+            )
+            self.exit_code = WORKER_BOOT_ERROR
+            self._stopping = True
+            return
+        delay = self._broker_backoff
+        self._broker_backoff = min(cap, delay * 2)
+        self._broker_restart_at = now + delay
+        logger.error(
+            "broker (pid %d) died (%s); restarting it in %.1fs", pid, _describe(code), delay
+        )
+
     def _announce_dead(self, worker: Worker) -> None:
         if self.broker_control < 0:
             return
@@ -367,8 +415,10 @@ class Arbiter:
             os.write(self.broker_control, b"dead %d %d\n" % (worker.shard, worker.pid))
 
     def _read_ready(self, worker: Worker) -> None:
+        """Read the worker's pipe: "R" once it listens, then a beat a second."""
         try:
-            if os.read(worker.ready_fd, 16):
+            if os.read(worker.ready_fd, 4096):
+                worker.last_heartbeat = time.monotonic()
                 if not worker.booted:
                     logger.info("worker %d (pid %d) ready", worker.shard, worker.pid)
                 worker.booted = True
@@ -376,7 +426,7 @@ class Arbiter:
             pass
 
     def _wait(self, timeout: float) -> None:
-        fds = [self._wakeup_read] + [w.ready_fd for w in self.workers.values() if not w.booted]
+        fds = [self._wakeup_read] + [w.ready_fd for w in self.workers.values()]
         try:
             readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
@@ -387,12 +437,26 @@ class Arbiter:
                     pass
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            if not worker.booted:
-                self._read_ready(worker)
-                if not worker.booted and now - worker.started_at > BOOT_TIMEOUT:
-                    logger.error("worker %d did not boot within %ss", worker.shard, BOOT_TIMEOUT)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGKILL)
+            self._read_ready(worker)
+            if not worker.booted and now - worker.started_at > BOOT_TIMEOUT:
+                logger.error("worker %d did not boot within %ss", worker.shard, BOOT_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            elif (
+                worker.booted
+                and not worker.hung
+                and now - worker.last_heartbeat > self.worker_timeout
+            ):
+                worker.hung = True
+                logger.error(
+                    "worker %d (pid %d) sent no heartbeat for %.0fs (worker_timeout): "
+                    "killing and replacing it",
+                    worker.shard,
+                    worker.pid,
+                    now - worker.last_heartbeat,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
 
     # ------------------------------------------------------------ shutdown
 
@@ -478,6 +542,7 @@ def run_cluster(
     *,
     workers: int,
     ssl: ssl_module.SSLContext | None = None,
+    worker_timeout: float = WORKER_TIMEOUT,
 ) -> int:
     """Run ``app`` (a server, or a function that builds one) on ``workers`` processes."""
     from enjent import WebSocketServer
@@ -493,5 +558,11 @@ def run_cluster(
         load_app = app
         close_timeout = 5.0
     return Arbiter(
-        load_app, host, port, workers=workers, ssl=ssl, close_timeout=close_timeout
+        load_app,
+        host,
+        port,
+        workers=workers,
+        ssl=ssl,
+        close_timeout=close_timeout,
+        worker_timeout=worker_timeout,
     ).run()

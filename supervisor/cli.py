@@ -70,6 +70,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -155,6 +162,15 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         None,
         "DIR",
+    ),
+    Setting(
+        "worker_timeout",
+        ("--worker-timeout",),
+        "seconds a worker may go without a heartbeat before the supervisor kills and "
+        "replaces it (default 30)",
+        _positive_seconds,
+        30.0,
+        "SECONDS",
     ),
     Setting(
         "access_log",
@@ -455,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ssl=ssl_context,
         close_timeout=server.close_timeout,
         runtime_dir=values["runtime_dir"],
+        worker_timeout=values["worker_timeout"],
     )
     return arbiter.run()
 

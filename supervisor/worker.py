@@ -28,6 +28,8 @@ logger = logging.getLogger("enjent.worker")
 
 WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
+#: Seconds between two heartbeats to the supervisor.
+HEARTBEAT_INTERVAL = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -49,7 +51,7 @@ class WorkerSpec:
     port: int
     publish_endpoint: str
     subscribe_endpoint: str
-    ready_fd: int  # write end of the pipe that tells the supervisor "listening"
+    ready_fd: int  # write end of the pipe: "R" once listening, then "H" every second
     parent_pid: int
     ssl: ssl_module.SSLContext | None = None
 
@@ -62,6 +64,7 @@ def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> in
     signal.set_wakeup_fd(-1)
     if os.getppid() != spec.parent_pid:
         return 0
+    os.set_blocking(spec.ready_fd, False)
     try:
         server = load_app()
     except Exception:
@@ -93,18 +96,25 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
         logger.error("worker %d cannot start: %s", shard, exc)
         await cluster.close()
         return WORKER_BOOT_ERROR
-    try:
-        os.write(spec.ready_fd, b"R")
-        os.close(spec.ready_fd)
-    except OSError:
-        pass
+    beat(spec.ready_fd, b"R")
     logger.info("worker %d (pid %d) serving on %s:%d", shard, os.getpid(), spec.host, spec.port)
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), HEARTBEAT_INTERVAL)
+        # from the event loop: a hung loop stops beating, and the supervisor
+        # replaces the worker after its worker_timeout
+        beat(spec.ready_fd, b"H")
         if os.getppid() != spec.parent_pid:
             logger.warning("worker %d: the supervisor is gone, stopping", shard)
             break
     await server.stop()
     await cluster.close()
+    with contextlib.suppress(OSError):
+        os.close(spec.ready_fd)
     return 0
+
+
+def beat(fd: int, signal_byte: bytes) -> None:
+    """One byte to the supervisor's pipe; never blocks (a full pipe loses a beat)."""
+    with contextlib.suppress(OSError):  # BlockingIOError included
+        os.write(fd, signal_byte)

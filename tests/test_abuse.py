@@ -60,6 +60,16 @@ SERVER_APP = textwrap.dedent(
         if message == "stats":
             client.send(json.dumps({**server.stats, "clients": len(server.local_clients),
                                     "connections": server.connection_count}))
+        elif message == "pour-self":
+            sent = [client.send(b"z" * 30_000) for _ in range(200)]
+            print("pour-self", sent.count(True), file=sys.stderr, flush=True)
+        elif isinstance(message, str) and message.startswith("join:"):
+            try:
+                client.join(message[len("join:"):])
+            except ValueError as exc:  # RoomLimitError
+                client.send(f"refused: {type(exc).__name__}")
+            else:
+                client.send("joined")
         elif isinstance(message, str) and message.startswith("pour:"):
             _, count, size = message.split(":")
             asyncio.get_running_loop().create_task(pour(int(count), int(size)))
@@ -675,3 +685,115 @@ def test_garbage_on_the_bus_is_counted_and_the_cluster_keeps_working() -> None:
             rss_tree_growth_mib=round((rss_after - rss_before) / MIB, 1),
         )
         assert rss_after - rss_before < 96 * MIB
+
+
+# ------------------------------------------- bounded per connection (issue 13)
+
+
+def test_tiny_fragments_cost_about_their_payload_and_never_block_the_loop(
+    start_server: Any,
+) -> None:
+    """1-byte fragments up to the default 1 MiB limit: RSS grows <= 4 MB (was +56 MB)."""
+    server = start_server()
+
+    async def main() -> None:
+        async with ws(server.port) as ordinary:
+            raw = await Raw.open(server.port)
+            raw.send(masked(2, b"x", fin=False))
+            await echo_latency(ordinary)
+            rss_before = server.rss
+            burst = masked(0, b"y", fin=False) * 20_000  # 140 KB of 7-byte frames
+            held, latencies = 1, []
+            while held + 20_000 < MIB:
+                raw.send(burst)
+                held += 20_000
+                await asyncio.wait_for(raw.writer.drain(), 10)
+                if held % 100_000 < 20_000:
+                    latencies.append(await echo_latency(ordinary))
+            latencies.append(await echo_latency(ordinary))  # the server read it all
+            growth = server.rss - rss_before
+            close_code = asyncio.create_task(raw.close_code(10))
+            raw.send(masked(0, b"z" * 30_000, fin=False))  # over the limit now
+            assert await close_code == 1009
+            report(
+                "tiny fragments",
+                fragments=held,
+                rss_growth_mib=round(growth / MIB, 2),
+                worst_echo_ms=round(max(latencies) * 1000),
+            )
+            assert growth <= 4 * MIB, growth
+            assert max(latencies) < 0.5, latencies
+            await echo_latency(ordinary)
+
+    run(main(), timeout=120)
+    assert server.alive()
+
+
+def test_long_room_names_and_many_rooms_are_refused_with_room_limit_error(
+    start_server: Any,
+) -> None:
+    server = start_server()
+
+    async def main() -> None:
+        async with ws(server.port) as client:
+            rss_before = server.rss
+            for _ in range(60):  # 6 MB of names on the wire
+                await client.send("join:" + "n" * 100_000)
+                assert await asyncio.wait_for(client.recv(), 5) == "refused: RoomLimitError"
+            answers = []
+            for index in range(300):
+                await client.send(f"join:room-{index}")
+                answers.append(await asyncio.wait_for(client.recv(), 5))
+            assert answers.count("joined") == 100  # max_rooms_per_client
+            assert set(answers[100:]) == {"refused: RoomLimitError"}
+            growth = server.rss - rss_before
+            report("room limits", rss_growth_mib=round(growth / MIB, 2))
+            assert growth < 16 * MIB, growth
+
+    run(main())
+    assert server.alive()
+
+
+def test_long_room_names_on_two_workers_keep_the_tree_small() -> None:
+    """60 joins of 100 KB names on 2 workers: the tree grows <= 64 MB (was +1.2 GB)."""
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        tree = [psutil.Process(cluster.pid), *cluster.children()]
+
+        def tree_rss() -> int:
+            return sum(int(process.memory_info().rss) for process in tree)
+
+        before = tree_rss()
+
+        async def main() -> None:
+            async with ws(cluster.port) as client:
+                for _ in range(60):
+                    await client.send("join:" + "n" * 100_000)
+                await client.send("whoami")  # answered after the 60 joins (refused)
+                while not str(await asyncio.wait_for(client.recv(), 10)).startswith(("0-", "1-")):
+                    pass
+
+        run(main())
+        growth = tree_rss() - before
+        report("long room names, 2 workers", tree_rss_growth_mib=round(growth / MIB, 1))
+        assert growth <= 64 * MIB, growth
+
+
+def test_write_limit_holds_for_answers_to_the_senders_own_messages(start_server: Any) -> None:
+    """200 sends of 30 KB from the client's own on_message, write_limit 64 KiB: 1008."""
+    server = start_server(write_limit=64 * 1024)
+
+    async def main() -> None:
+        async with ws(server.port) as ordinary:
+            raw = await Raw.open(server.port)
+            rss_before = server.rss
+            close_code = asyncio.create_task(raw.close_code(10))
+            raw.send(masked(1, b"pour-self"))
+            assert await close_code == 1008
+            growth = server.rss - rss_before
+            data = await stats(ordinary)
+            assert data["slow_consumers_closed"] == 1
+            report("self flood", rss_growth_mib=round(growth / MIB, 2))
+            assert growth < 4 * MIB, growth
+
+    run(main())

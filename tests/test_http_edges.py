@@ -254,3 +254,72 @@ async def test_allowed_origins_and_a_missing_origin(
     assert got == status
     if status == 403 and origin is None:
         assert b"without Origin" in body
+
+
+# ------------------------------------------------------- HTTP strictness
+
+
+@pytest.mark.parametrize(
+    ("extra", "drop_host"),
+    [
+        (["Content-Length: 5"], False),
+        (["Transfer-Encoding: chunked"], False),
+        (["Host: second.example"], False),
+        (["Host: bad host"], True),
+        (["Host: a/b"], True),
+        (["Origin: https://a.example", "Origin: https://b.example"], False),
+    ],
+)
+@async_test
+async def test_upgrades_with_a_body_or_ambiguous_host_or_origin_are_400(
+    extra: list[str], drop_host: bool
+) -> None:
+    server = echo_server()
+    request = upgrade_request("/", *extra)
+    if drop_host:
+        request = request.replace(f"Host: {HOST}\r\n".encode(), b"")
+    async with server.serve(HOST, 0):
+        status, _, _ = await raw_http(server.port, request)
+        # the server is still fine
+        async with ws_connect(server) as ws:
+            await ws.send("still")
+            assert await ws.recv() == "still"
+    assert status == 400
+
+
+def test_a_response_with_framing_headers_is_refused_at_construction() -> None:
+    from enjent import Response
+
+    for name in ("Content-Length", "transfer-encoding"):
+        with pytest.raises(ValueError, match="leave it out"):
+            Response(200, "x", headers=[(name, "5")])
+    with pytest.raises(ValueError):
+        Response(200, "x", headers=[("X-A", "a\r\nInjected: yes")])
+
+
+@async_test
+async def test_only_token_subprotocols_are_offered_to_hooks() -> None:
+    from enjent import Accept, Request
+
+    seen: list[list[str]] = []
+    server = echo_server()
+
+    @server.on_handshake
+    def pick_first(request: Request) -> Accept | None:
+        from enjent.handshake import offered_subprotocols
+
+        offered = offered_subprotocols(request)
+        seen.append(offered)
+        return Accept(subprotocol=offered[0]) if offered else None
+
+    long_name = "x" * 8000
+    async with server.serve(HOST, 0):
+        request = upgrade_request("/", f"Sec-WebSocket-Protocol: a b, {long_name}, chat.v1")
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        finally:
+            writer.close()
+    assert seen == [["chat.v1"]]
+    assert b"Sec-WebSocket-Protocol: chat.v1\r\n" in head and long_name.encode() not in head

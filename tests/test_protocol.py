@@ -561,3 +561,45 @@ def test_partial_check_starts_once_the_header_is_complete(first_read: int) -> No
     assert protocol.receive_data(frame[first_read:9]) == []
     events = protocol.receive_data(frame[9:12])  # the invalid bytes, 300 bytes still to come
     assert failed_with(events, CloseCode.INVALID_PAYLOAD_DATA)
+
+
+# ---------------------------------------------------- hostile input (bounds)
+
+
+@pytest.mark.parametrize(
+    ("header", "length"),
+    [
+        (b"\x82\xfe\x00\x05", 5),
+        (b"\x82\xfe\x00\x7d", 125),
+        (b"\x82\xff" + (300).to_bytes(8, "big"), 300),
+    ],
+)
+def test_non_minimal_length_encodings_fail_with_1002(header: bytes, length: int) -> None:
+    """RFC 6455 §5.2: the minimal number of bytes MUST be used to encode the length."""
+    events, protocol = feed([header + MASK + bytes(length)])
+    assert failed_with(events, CloseCode.PROTOCOL_ERROR)
+    assert "non-minimal" in protocol.close_reason
+
+
+def test_minimal_length_encodings_at_the_boundaries_are_accepted() -> None:
+    for length in (125, 126, 65535, 65536):
+        events, _ = feed([binary(bytes(length))], ServerProtocol(max_message_size=1 << 17))
+        assert events == [bytes(length)]
+
+
+def test_a_message_of_tiny_fragments_is_held_in_one_buffer() -> None:
+    """100,000 one-byte fragments cost about 100 KB, not a list of 100,000 objects."""
+    protocol = ServerProtocol()
+    protocol.receive_data(text("a", fin=False))
+    one = cont("b", fin=False)
+    for _ in range(10):
+        assert protocol.receive_data(one * 10_000) == []
+    events = protocol.receive_data(cont("c"))
+    assert events == ["a" + "b" * 100_000 + "c"]
+
+
+def test_invalid_utf8_in_a_fragment_still_fails_fast() -> None:
+    protocol = ServerProtocol()
+    assert protocol.receive_data(text("ok", fin=False)) == []
+    events = protocol.receive_data(cont(b"\xff", fin=False))
+    assert failed_with(events, CloseCode.INVALID_PAYLOAD_DATA)

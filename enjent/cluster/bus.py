@@ -47,6 +47,7 @@ shape, is counted as malformed and dropped.
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Any
 
 import msgpack
@@ -112,8 +113,15 @@ def shard_topic(shard: int) -> bytes:
 
 
 def room_topic(name: str) -> bytes:
-    """The topic of a room (NUL-terminated: room ``a`` must not match ``ab``)."""
-    return b"R" + name.encode("utf-8") + b"\x00"
+    """The topic of a room: a fixed-size digest of its name (17 bytes, whatever the name).
+
+    Subscription tables (the broker's, each worker's) never grow with the
+    name, and every topic has the same length, so that no room's topic is a
+    prefix of another's. The envelope still carries the names: a receiver
+    delivers by name, so a digest collision could at worst cost a message
+    sent in vain, never one delivered to the wrong room.
+    """
+    return b"R" + hashlib.blake2b(name.encode("utf-8"), digest_size=16).digest()
 
 
 def encode(kind: Kind, origin: int, generation: str, seq: int, *fields: Any) -> bytes:

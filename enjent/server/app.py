@@ -26,6 +26,7 @@ from .connection import Connection, ServerState
 from .handlers import Handlers
 from .hub import Hub, TrustedProxies
 from .keepalive import sweep_forever
+from .metrics import COUNTERS
 from .options import OptionView, ServerOptions
 from .peers import Peers
 from .policy import HandshakePolicy
@@ -45,21 +46,6 @@ logger = logging.getLogger("enjent.server")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_STATS = (
-    "connections_accepted",
-    "handshakes_refused",
-    "handshake_timeouts",
-    "keepalive_timeouts",
-    "protocol_errors",
-    "slow_consumers_closed",
-    "handler_errors",
-    "http_responses",
-    "messages_received",
-    "messages_sent",
-    "bytes_received",
-    "bytes_sent",
-)
-
 
 class WebSocketServer:
     """A WebSocket server: register handlers, then ``run`` or ``start`` it.
@@ -68,7 +54,8 @@ class WebSocketServer:
     by group in :mod:`enjent.server.options` (:class:`~.options.Limits`:
     ``max_message_size`` 1 MiB once decompressed, ``max_connections`` 25,000
     per worker, ``write_limit`` 512 KiB, ``max_request_size``,
-    ``max_request_line``; :class:`~.options.Timeouts`: ``handshake_timeout``,
+    ``max_request_line``, ``max_room_name`` 256 bytes,
+    ``max_rooms_per_client`` 100; :class:`~.options.Timeouts`: ``handshake_timeout``,
     ``ping_interval`` (``None``: no keepalive), ``ping_timeout``,
     ``close_timeout``, ``sweep_interval``; :class:`~.options.HandshakeOptions`:
     ``subprotocols``, ``allowed_origins`` (``None`` in the list admits
@@ -99,6 +86,8 @@ class WebSocketServer:
     write_limit: OptionView[int] = OptionView()
     max_request_size: OptionView[int] = OptionView()
     max_request_line: OptionView[int] = OptionView()
+    max_room_name: OptionView[int] = OptionView()
+    max_rooms_per_client: OptionView[int] = OptionView()
     handshake_timeout: OptionView[float] = OptionView()
     ping_interval: OptionView[float | None] = OptionView()
     ping_timeout: OptionView[float] = OptionView()
@@ -123,6 +112,8 @@ class WebSocketServer:
         write_limit: int = 512 * 1024,
         max_request_size: int = 16 * 1024,
         max_request_line: int = 8 * 1024,
+        max_room_name: int = 256,
+        max_rooms_per_client: int = 100,
         handshake_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float = 20.0,
@@ -130,7 +121,7 @@ class WebSocketServer:
         sweep_interval: float = 1.0,
     ) -> None:
         #: Counters of this process (``/healthz``, ``/metrics``).
-        self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
+        self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.hub = Hub(self.stats)
         self._handlers = Handlers(self.stats)
         defaults = ServerOptions()
@@ -164,6 +155,7 @@ class WebSocketServer:
         self._policy.options = updated
         self._state.options = updated
         self.hub.proxies = TrustedProxies(updated.handshake.trusted_proxies)
+        self.hub.limits = updated.limits
 
     # ------------------------------------------------------------ handlers
 
@@ -254,9 +246,11 @@ class WebSocketServer:
         return self.hub.send(client_id, data)
 
     def room(self, name: str) -> Room:
-        """The room called ``name`` (a handle; members join with ``client.join``)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError("a room name is a non-empty str")
+        """The room called ``name`` (a handle; members join with ``client.join``).
+
+        Raises :class:`~enjent.RoomLimitError` for a name over ``max_room_name``.
+        """
+        self.hub.check_room_name(name)
         return Room(self.hub, name)
 
     @property

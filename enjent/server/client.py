@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionClosedError
+from ..exceptions import ConnectionClosedError, RoomLimitError
 from ..frames import CloseCode
 from ..http11 import Request
 
@@ -115,16 +115,27 @@ class WebSocketClient:
     # ---------------------------------------------------------------- rooms
 
     def join(self, name: str) -> None:
-        """Join the room ``name`` (created on first use); a no-op once disconnected."""
+        """Join the room ``name`` (created on first use); a no-op once disconnected.
+
+        Raises :class:`~enjent.RoomLimitError` when the name is over the
+        server's ``max_room_name`` bytes, or when this client is already in
+        ``max_rooms_per_client`` rooms.
+        """
         hub = self.hub
         if hub is None:
             raise RuntimeError("join() needs a client connected to a server")
+        hub.check_room_name(name)
         if not hub.is_connected(self):
             return  # gone: joining now would leave a dead member in the room forever
         rooms = self._rooms
         if rooms is None:
             rooms = self._rooms = set()
         if name not in rooms:
+            limit = hub.limits.max_rooms_per_client
+            if len(rooms) >= limit:
+                raise RoomLimitError(
+                    f"client {self.id} is in {len(rooms)} rooms: max_rooms_per_client={limit}"
+                )
             rooms.add(name)
             hub.join(self, name)
 

@@ -81,6 +81,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
         "opened_at",
         "paused",
         "ping_sent_at",
+        "queued",
         "state_of_server",
         "transport",
     )
@@ -96,6 +97,9 @@ class Connection(ServerProtocol, asyncio.Protocol):
         self.batching = False
         #: True while the transport's buffer is over ``write_limit``
         self.paused = False
+        #: bytes queued by the read in progress (answers to this client's own
+        #: messages): they count toward ``write_limit`` as the transport's do
+        self.queued = 0
         self._half_closed = False
         self._drain_waiter: asyncio.Future[None] | None = None
         #: set on every read, cleared by the sweep: liveness without a clock call
@@ -276,6 +280,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        self.queued = 0
         pending = self.pending
         if pending or self.state is State.CLOSED:
             data = self.data_to_send()
@@ -303,16 +308,18 @@ class Connection(ServerProtocol, asyncio.Protocol):
     def send_message(self, data: str | bytes | bytearray | memoryview) -> bool:
         """Encode one message (the core's one encoder) and write or queue it."""
         frame = self.encode_message(data)
-        if self.state is _OPEN and not self.paused:  # the common case, inline
+        if self.state is _OPEN and not self.paused and not self.batching:  # the common case
             stats = self.state_of_server.stats
             stats["messages_sent"] += 1
             stats["bytes_sent"] += len(frame)
-            if self.batching:
-                self.pending.append(frame)
-            else:
-                self.transport.write(frame)  # type: ignore[union-attr]
+            self.transport.write(frame)  # type: ignore[union-attr]
             return True
-        return self.send_frame(frame)
+        if self.send_frame(frame):
+            stats = self.state_of_server.stats
+            stats["messages_sent"] += 1
+            stats["bytes_sent"] += len(frame)
+            return True
+        return False
 
     def send_frame(self, frame: bytes) -> bool:
         """Write an encoded frame, or queue it if this client's read is running."""
@@ -322,11 +329,22 @@ class Connection(ServerProtocol, asyncio.Protocol):
             self._slow_consumer()
             return False
         if self.batching:
-            self.pending.append(frame)
+            return self.queue(frame)
         else:
             transport = self.transport
             assert transport is not None
             transport.write(frame)
+        return True
+
+    def queue(self, frame: bytes) -> bool:
+        """Queue a frame for the read's one write, within ``write_limit`` (else 1008)."""
+        queued = self.queued + len(frame)
+        limit = self.state_of_server.options.limits.write_limit
+        if queued > limit and self.state is State.OPEN:
+            self._slow_consumer()
+            return False
+        self.queued = queued
+        self.pending.append(frame)
         return True
 
     def _slow_consumer(self) -> None:

@@ -13,8 +13,10 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..exceptions import RoomLimitError
 from ..protocol import OutgoingMessage, State
 from .ids import ClientIds
+from .options import Limits
 from .peers import LocalPeers, Peers
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ class TrustedProxies:
 class Hub:
     """This process's clients and rooms, and the cluster engine behind them."""
 
-    __slots__ = ("_clients", "_rooms", "ids", "peers", "proxies", "stats")
+    __slots__ = ("_clients", "_rooms", "ids", "limits", "peers", "proxies", "stats")
 
     def __init__(self, stats: dict[str, int]) -> None:
         self._clients: dict[str, WebSocketClient] = {}
@@ -81,6 +83,7 @@ class Hub:
         self.ids = ClientIds()
         self.stats = stats
         self.proxies = TrustedProxies(())
+        self.limits = Limits()
         #: The cluster engine: :class:`LocalPeers` until a worker plugs one in.
         self.peers: Peers = LocalPeers(self)
 
@@ -129,7 +132,17 @@ class Hub:
 
     # -------------------------------------------------------------- rooms
 
+    def check_room_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise RoomLimitError("a room name is a non-empty str")
+        limit = self.limits.max_room_name
+        if len(name) > limit or len(name.encode("utf-8")) > limit:
+            raise RoomLimitError(
+                f"room name of {len(name.encode('utf-8'))} bytes over max_room_name={limit}"
+            )
+
     def join(self, client: WebSocketClient, name: str) -> None:
+        """Add a member (``client.join`` checks the limits first)."""
         members = self._rooms.get(name)
         if members is None:
             members = self._rooms[name] = set()
@@ -200,11 +213,8 @@ class Hub:
                 continue
             extension = connection.extension
             if extension is None:
-                if connection.state is _OPEN and not connection.paused:  # inline fast path
-                    if connection.batching:
-                        connection.pending.append(frame)
-                    else:
-                        connection.transport.write(frame)  # type: ignore[union-attr]
+                if connection.state is _OPEN and not connection.paused and not connection.batching:
+                    connection.transport.write(frame)  # type: ignore[union-attr]  # fast path
                     count += 1
                     sent_bytes += len(frame)
                     continue

@@ -16,7 +16,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["METRICS_CONTENT_TYPE", "WorkerSample", "render_metrics"]
+__all__ = ["COUNTERS", "METRICS_CONTENT_TYPE", "WorkerSample", "render_metrics"]
+
+#: The counters of one process (``server.stats``), all starting at 0.
+COUNTERS = (
+    "connections_accepted",
+    "handshakes_refused",
+    "handshake_timeouts",
+    "keepalive_timeouts",
+    "protocol_errors",
+    "slow_consumers_closed",
+    "handler_errors",
+    "http_responses",
+    "messages_received",
+    "messages_sent",
+    "bytes_received",
+    "bytes_sent",
+)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

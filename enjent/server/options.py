@@ -56,6 +56,10 @@ class Limits:
     max_request_size: int = 16 * 1024
     #: Bytes of request line (HTTP 414 above it).
     max_request_line: int = 8 * 1024
+    #: UTF-8 bytes of a room name (RoomLimitError above it).
+    max_room_name: int = 256
+    #: Rooms one client may be in at once (RoomLimitError above it).
+    max_rooms_per_client: int = 100
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):

@@ -67,6 +67,9 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     headers: list[tuple[str, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        _check_app_headers(self.headers)
+
     def encode(self, server_header: str | None) -> bytes:
         body = self.body.encode() if isinstance(self.body, str) else self.body
         headers = [
@@ -76,12 +79,17 @@ class Response:
         ]
         if server_header:
             headers.append(("Server", server_header))
-        for name, value in self.headers:
-            check_header(name, value)
-            if name.lower() in _FRAMING_HEADERS:
-                raise ValueError(f"a Response sets {name} itself; do not pass it in headers")
+        _check_app_headers(self.headers)  # again: the list may have changed since
         headers.extend(self.headers)
         return encode_response(self.status, headers, body)
+
+
+def _check_app_headers(headers: list[tuple[str, str]]) -> None:
+    """No CR/LF injection, and no framing header: the Response sets its own."""
+    for name, value in headers:
+        check_header(name, value)
+        if name.lower() in _FRAMING_HEADERS:
+            raise ValueError(f"a Response sets {name} itself: leave it out of headers")
 
 
 HandshakeHook = Callable[[Request], "Accept | Response | None"]
