@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -92,15 +93,22 @@ SERVER_APP = textwrap.dedent(
 class ServerProcess:
     """The abuse app in a child process; ``rss``/``fds`` measure it."""
 
-    def __init__(self, tmp_path: Path, **options: Any) -> None:
+    def __init__(self, tmp_path: Path, *, nofile: int = 0, **options: Any) -> None:
         script = tmp_path / "abuse_app.py"
         script.write_text(SERVER_APP)
         options.setdefault("ping_interval", None)
         options.setdefault("compression", None)
+        self.log_path = tmp_path / f"abuse-{len(list(tmp_path.glob('abuse-*.log')))}.log"
+
+        def limit_files() -> None:  # in the child, before exec
+            if nofile:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, str(script), json.dumps(options)],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log_path.open("wb"),
+            preexec_fn=limit_files,
             cwd=Path(__file__).resolve().parents[1],
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         )
@@ -797,3 +805,36 @@ def test_write_limit_holds_for_answers_to_the_senders_own_messages(start_server:
             assert growth < 4 * MIB, growth
 
     run(main())
+
+
+def test_at_the_open_file_limit_every_connection_gets_an_answer(start_server: Any) -> None:
+    """RLIMIT_NOFILE 200: upgrades past the derived limit get 503, health still answers."""
+    server = start_server(nofile=200)
+
+    async def upgrade_status(opened: list[asyncio.StreamWriter]) -> int:
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        opened.append(writer)
+        writer.write(upgrade_request())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return int(head.split(b" ", 2)[1])
+
+    async def main() -> tuple[list[int], int]:
+        opened: list[asyncio.StreamWriter] = []
+        try:
+            statuses = [await upgrade_status(opened) for _ in range(160)]
+            probe = await Raw.open(server.port, handshake=False)
+            health = await probe.http_status(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return statuses, health
+        finally:
+            for writer in opened:
+                writer.close()
+
+    statuses, health = run(main())
+    accepted = statuses.count(101)
+    report("open-file limit 200", accepted=accepted, refused_503=statuses.count(503))
+    assert set(statuses) == {101, 503}, statuses  # never a reset, never silence
+    assert 100 <= accepted <= 140, accepted  # 200 less a reserve of 64 descriptors
+    assert statuses[accepted:] == [503] * (160 - accepted)
+    assert health == 200
+    assert server.alive()
+    assert "RLIMIT_NOFILE" in server.log_path.read_text()

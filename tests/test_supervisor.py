@@ -429,3 +429,79 @@ def test_echo_example_with_two_workers_broadcasts_everywhere() -> None:
         asyncio.run(main())
         cluster.signal(signal.SIGTERM)
         assert cluster.wait(10) == 0
+
+
+# ------------------------------------------------ hung workers, dying brokers
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_worker_is_replaced_after_worker_timeout() -> None:
+    """SIGSTOP a worker: killed and replaced within worker_timeout (+ a margin), logged."""
+    with Cluster(workers=2, args=["--worker-timeout", "3"]) as cluster:
+        cluster.wait_ready()
+        before = cluster.worker_pids()
+        stopped_at = time.monotonic()
+        os.kill(before[0], signal.SIGSTOP)
+        try:
+
+            def replaced() -> dict[int, int] | None:
+                try:
+                    pids = {
+                        shard: healthz_of(cluster.port, shard, timeout=1.5)["workers"]
+                        for shard in (0, 1)
+                    }
+                except (OSError, AssertionError):
+                    return None
+                own = {w["shard"]: w["pid"] for w in pids[1]}
+                return own if own.get(0) not in (None, 0, before[0]) else None
+
+            wait_for(replaced, 20.0)
+            took = time.monotonic() - stopped_at
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(before[0], signal.SIGCONT)
+        assert took < 3 + 10, took
+        log = cluster.log()
+        assert "worker 0" in log and "sent no heartbeat" in log, log
+        assert not alive(before[0]) or psutil_status(before[0]) == "zombie"
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(15) == 0, cluster.log()
+
+
+def psutil_status(pid: int) -> str:
+    import psutil
+
+    try:
+        return str(psutil.Process(pid).status())
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+def test_broker_restarts_back_off_and_a_broker_that_never_starts_stops_the_supervisor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker dying in a loop is restarted at most every 0.1, 0.2, ... 10 s, not 300/s."""
+    from enjent_supervisor import arbiter as arbiter_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(arbiter_module.time, "monotonic", lambda: clock[0])
+    supervisor = arbiter_module.Arbiter(lambda: None, "127.0.0.1", 0, workers=1)  # type: ignore[arg-type,return-value]
+    supervisor._broker_was_up = True  # it ran fine once: keep retrying, with a backoff
+    delays = []
+    for _ in range(10):
+        supervisor._broker_started_at = clock[0]
+        supervisor._broker_died(1234, 1)
+        delays.append(round(supervisor._broker_restart_at - clock[0], 2))
+        clock[0] = supervisor._broker_restart_at + 0.01  # dies again at once
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
+    assert not supervisor._stopping
+    # after a long healthy life, the backoff starts over
+    clock[0] += 60
+    supervisor._broker_died(1234, 1)
+    assert round(supervisor._broker_restart_at - clock[0], 2) == 0.1
+
+    fresh = arbiter_module.Arbiter(lambda: None, "127.0.0.1", 0, workers=1)  # type: ignore[arg-type,return-value]
+    for _ in range(arbiter_module.BROKER_START_ATTEMPTS):
+        fresh._broker_started_at = clock[0]
+        fresh._broker_died(1234, 1)
+    assert fresh._stopping and fresh.exit_code == arbiter_module.WORKER_BOOT_ERROR

@@ -32,6 +32,7 @@ from .peers import Peers
 from .policy import HandshakePolicy
 from .rooms import Room
 from .running import (
+    capacity,
     configure_default_logging,
     refuse_inside_a_loop,
     refuse_while_importing,
@@ -298,6 +299,7 @@ class WebSocketServer:
         state = self._state
         state.now = loop.time()
         self._stopping = False
+        state.fd_limit, self._policy.upgrade_limit = capacity(self.max_connections)
         try:
             if sock is not None:
                 self._listener = await loop.create_server(

@@ -35,6 +35,11 @@ __all__ = ["Connection", "ServerState"]
 logger = logging.getLogger("enjent.connection")
 
 _OPEN = State.OPEN
+#: Sent without reading the request, to a connection over the open-file limit.
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
 _str = str
 _bytes = bytes
 
@@ -47,7 +52,17 @@ class ServerState:
     loop time of the last sweep, a clock without a system call.
     """
 
-    __slots__ = ("connections", "handlers", "hub", "now", "options", "policy", "stats")
+    __slots__ = (
+        "_last_capacity_warning",
+        "connections",
+        "fd_limit",
+        "handlers",
+        "hub",
+        "now",
+        "options",
+        "policy",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -64,6 +79,21 @@ class ServerState:
         self.stats = stats
         self.connections: set[Connection] = set()
         self.now = 0.0
+        #: Connections at most, handshakes included (set at start from RLIMIT_NOFILE)
+        self.fd_limit = 1 << 30
+        self._last_capacity_warning = -60.0
+
+    def over_capacity(self) -> None:
+        """A connection refused near the open-file limit: counted, logged once a minute."""
+        self.stats["connections_refused"] += 1
+        if self.now - self._last_capacity_warning >= 60.0:
+            self._last_capacity_warning = self.now
+            logger.warning(
+                "%d connections open, at the limit of %d (RLIMIT_NOFILE less a reserve): "
+                "refusing new ones with 503 (counted as connections_refused)",
+                len(self.connections) - 1,
+                self.fd_limit,
+            )
 
 
 class Connection(ServerProtocol, asyncio.Protocol):
@@ -118,7 +148,14 @@ class Connection(ServerProtocol, asyncio.Protocol):
         self.opened_at = self.last_seen = asyncio.get_running_loop().time()
         limit = state.options.limits.write_limit
         self.transport.set_write_buffer_limits(high=limit)  # type: ignore[union-attr]
-        state.connections.add(self)
+        connections = state.connections
+        connections.add(self)
+        if len(connections) > state.fd_limit:
+            # so close to the open-file limit that even a health probe could
+            # not be answered later: refuse at once, without reading
+            state.over_capacity()
+            self.transport.write(_FULL)  # type: ignore[union-attr]
+            self.transport.close()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.active = True
@@ -210,7 +247,9 @@ class Connection(ServerProtocol, asyncio.Protocol):
             if peer:  # many clients share an address (a proxy): keep one copy of it
                 peer = (sys.intern(peer[0]), *peer[1:])
             request.remote_address = peer
-            response, client, extension = state.policy.answer(request)
+            response, client, extension = state.policy.answer(
+                request, open_connections=len(state.connections)
+            )
         except WebSocketNegotiationError as exc:
             self._refuse(exc, request)
             return

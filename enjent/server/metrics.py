@@ -21,6 +21,7 @@ __all__ = ["COUNTERS", "METRICS_CONTENT_TYPE", "WorkerSample", "render_metrics"]
 #: The counters of one process (``server.stats``), all starting at 0.
 COUNTERS = (
     "connections_accepted",
+    "connections_refused",
     "handshakes_refused",
     "handshake_timeouts",
     "keepalive_timeouts",
@@ -41,6 +42,12 @@ _SERVER_COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("connections_accepted", "handshakes_total", "WebSocket handshakes by outcome", "accepted"),
     ("handshakes_refused", "handshakes_total", "WebSocket handshakes by outcome", "refused"),
     ("handshake_timeouts", "handshakes_total", "WebSocket handshakes by outcome", "timeout"),
+    (
+        "connections_refused",
+        "connections_refused_total",
+        "connections refused unread at the open-file limit",
+        "",
+    ),
     ("http_responses", "http_responses_total", "plain HTTP answers (health, metrics, pages)", ""),
     ("messages_received", "messages_received_total", "WebSocket messages received", ""),
     ("messages_sent", "messages_sent_total", "WebSocket messages written to clients", ""),

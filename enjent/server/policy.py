@@ -116,12 +116,15 @@ def log_access(request: Request, status: int, detail: str, worker: int) -> None:
 class HandshakePolicy:
     """Decides on each parsed request of one server."""
 
-    __slots__ = ("hooks", "hub", "options")
+    __slots__ = ("hooks", "hub", "options", "upgrade_limit")
 
     def __init__(self, options: ServerOptions, hub: Hub) -> None:
         self.options = options
         self.hub = hub
         self.hooks: list[HandshakeHook] = []
+        #: Upgrades accepted at most: ``max_connections``, lowered at start
+        #: to what the process's open-file limit allows (see Capacity)
+        self.upgrade_limit = options.limits.max_connections
 
     def add_hook(self, hook: HandshakeHook) -> None:
         if inspect.iscoroutinefunction(hook):
@@ -137,8 +140,13 @@ class HandshakePolicy:
     def metrics(self) -> str:
         return render_metrics(self.hub.peers.metrics_samples())
 
-    def answer(self, request: Request) -> Answer:
-        """A 101 and a new client, or an HTTP answer; refusals raise."""
+    def answer(self, request: Request, *, open_connections: int = 0) -> Answer:
+        """A 101 and a new client, or an HTTP answer; refusals raise.
+
+        ``open_connections`` counts this process's TCP connections, handshakes
+        in progress included: an upgrade over ``max_connections`` (or over
+        what the open-file limit allows, see :attr:`upgrade_limit`) gets 503.
+        """
         options = self.options
         handshake = options.handshake
         upgrade = is_upgrade_request(request)
@@ -148,9 +156,12 @@ class HandshakePolicy:
                 return json_response(200, self.health()), None, None
             if path == handshake.metrics_path:
                 return text_response(200, self.metrics(), METRICS_CONTENT_TYPE), None, None
-        if upgrade and self.hub.count >= options.limits.max_connections:
+        limit = self.upgrade_limit
+        if upgrade and max(self.hub.count, open_connections - 1) >= limit:
+            lowered = limit < options.limits.max_connections
+            why = f"{limit}, RLIMIT_NOFILE less a reserve" if lowered else "max_connections"
             raise WebSocketNegotiationError(
-                503, "server full (max_connections)", headers=[("Retry-After", "5")]
+                503, f"server full ({why})", headers=[("Retry-After", "5")]
             )
         allowed = handshake.allowed_origins
         if upgrade and allowed is not None:

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ..exceptions import WebSocketServerError
+from .options import Limits
 
 __all__ = [
     "AppServesOnImport",
+    "capacity",
     "configure_default_logging",
     "importing_app",
     "refuse_while_importing",
@@ -74,6 +77,37 @@ def refuse_inside_a_loop() -> None:
         "server.run() blocks, so it cannot be called inside a running event loop: "
         "use `await server.start(host, port)` or `async with server.serve(host, port):`"
     )
+
+
+def capacity(max_connections: int) -> tuple[int, int]:
+    """(connections at most, upgrades at most) under this process's open-file limit.
+
+    A reserve of descriptors (a twentieth of ``RLIMIT_NOFILE``, at least 64:
+    listening sockets, the bus, logs, the app's files) is kept free, so that
+    the process never runs out (libuv would then accept and drop connections
+    silently). Upgrades stop at half the reserve earlier still, so that a
+    health probe is answered when the WebSocket capacity is full.
+    """
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover - not POSIX
+        return 1 << 30, max_connections
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30, max_connections
+    reserve = max(64, soft // 20)
+    fd_limit = max(1, soft - reserve // 2)
+    upgrade_limit = max(1, min(max_connections, soft - reserve))
+    if upgrade_limit < max_connections:
+        explicit = max_connections != Limits().max_connections
+        logger.log(
+            logging.WARNING if explicit else logging.INFO,
+            "max_connections %d is above what RLIMIT_NOFILE %d allows: upgrades get 503 "
+            "above %d connections (raise the limit, e.g. LimitNOFILE in systemd)",
+            max_connections,
+            soft,
+            upgrade_limit,
+        )
+    return fd_limit, upgrade_limit
 
 
 def configure_default_logging() -> None:
