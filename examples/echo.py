@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="permessage-deflate (RFC 7692) on or off (default deflate)",
     )
     parser.add_argument(
+        "--health-detail",
+        action="store_true",
+        help="the health path also shows each worker's pid, bus and error counters",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("ENJENT_LOG_LEVEL", "INFO"),
         choices=["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"],
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         write_limit=args.write_limit,
         ping_interval=args.ping_interval or None,
         compression=None if args.compression == "none" else "deflate",
+        health_detail=args.health_detail,
     )
     server.run(args.host, args.port, workers=args.workers)
     return 0

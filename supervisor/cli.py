@@ -173,6 +173,15 @@ SETTINGS: tuple[Setting, ...] = (
         "SECONDS",
     ),
     Setting(
+        "health_detail",
+        ("--health-detail",),
+        "the health path also shows each worker's pid, generation, bus and error counters "
+        "(--no-health-detail: status and client count only, the default); for internal "
+        "networks",
+        _flag,
+        NOT_GIVEN,
+    ),
+    Setting(
         "access_log",
         ("--access-log",),
         "log one line per handshake on the enjent.access "
@@ -242,6 +251,7 @@ SETTINGS: tuple[Setting, ...] = (
 #: Settings that override the app's WebSocketServer options when given.
 SERVER_OVERRIDES = (
     "access_log",
+    "health_detail",
     "trusted_proxies",
     "max_message_size",
     "ping_interval",
@@ -282,10 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for setting in SETTINGS:
         text = f"{setting.help} ({_env_name(setting)})"
-        if setting.dest == "access_log":
+        if setting.convert is _flag:
             run.add_argument(
-                "--access-log",
-                dest="access_log",
+                setting.flags[0],
+                dest=setting.dest,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=text,

@@ -122,6 +122,7 @@ class Cluster:
                 str(workers),
                 "--log-level",
                 "INFO",
+                "--health-detail",  # the per-worker detail these tests read
                 *args,
             ]
         self.command = list(command)

@@ -20,7 +20,7 @@ from enjent import WebSocketClient, WebSocketServer
 
 
 def build_server() -> WebSocketServer:
-    app = WebSocketServer(trusted_proxies=["127.0.0.1"], close_timeout=2.0)
+    app = WebSocketServer(trusted_proxies=["127.0.0.1"], close_timeout=2.0, health_detail=True)
 
     @app.on_message
     def on_message(client: WebSocketClient, message: str | bytes) -> None:

@@ -838,3 +838,120 @@ def test_at_the_open_file_limit_every_connection_gets_an_answer(start_server: An
     assert health == 200
     assert server.alive()
     assert "RLIMIT_NOFILE" in server.log_path.read_text()
+
+
+# ------------------------------------------------ fair per worker (issue 13)
+
+
+class _Discard(asyncio.Protocol):
+    """A reader that takes every byte and parses none (keeps the load generator cheap)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+
+
+async def _raw_reader(port: int) -> _Discard:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(_Discard, HOST, port)
+    transport.write(upgrade_request())
+    return protocol
+
+
+def _broadcast_loop_keeps_everyone_served(readers: int, seconds: float) -> None:
+    from clusterutil import healthz, open_client_on
+
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        port = cluster.port
+
+        async def main() -> dict[str, Any]:
+            loop = asyncio.get_running_loop()
+            listeners = []
+            for start in range(0, readers, 200):
+                listeners += await asyncio.gather(
+                    *(_raw_reader(port) for _ in range(min(200, readers - start)))
+                )
+            bystanders = [await open_client_on(port, shard) for shard in (0, 1, 0, 1)]
+            broadcaster = await Raw.open(port)
+            latencies: dict[int, list[float]] = {0: [], 1: []}
+            probes: list[float] = []
+            stop_at = loop.time() + seconds
+            burst = masked(1, b"broadcast:" + b"x" * 64) * 200
+
+            async def broadcast() -> int:
+                sent = 0
+                while loop.time() < stop_at:
+                    broadcaster.send(burst)
+                    sent += 200
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(broadcaster.writer.drain(), 1.0)
+                return sent
+
+            async def measure(client: Any) -> None:
+                token = 0
+                while loop.time() < stop_at:
+                    token += 1
+                    text = f"echo-{client.id}-{token}"
+                    started = loop.time()
+                    await client.ws.send(text)
+                    while (await client.next(10.0)) != text:
+                        pass
+                    latencies[client.shard].append(loop.time() - started)
+                    await asyncio.sleep(0.2)
+
+            async def probe_health() -> None:
+                while loop.time() < stop_at:
+                    started = loop.time()
+                    await loop.run_in_executor(None, healthz, port, 1.0)  # raises past 1 s
+                    probes.append(loop.time() - started)
+                    await asyncio.sleep(0.5)
+
+            sent, *_ = await asyncio.gather(
+                broadcast(), *(measure(c) for c in bystanders), probe_health()
+            )
+            await asyncio.sleep(1.0)
+            health = await loop.run_in_executor(None, healthz, port, 2.0)
+            await close_all(bystanders)
+            broadcaster.close()
+            for listener in listeners:
+                if listener.transport is not None:
+                    listener.transport.close()
+            return {
+                "sent": sent,
+                "p99": {
+                    shard: sorted(values)[int(0.99 * (len(values) - 1))]
+                    for shard, values in latencies.items()
+                },
+                "samples": {shard: len(values) for shard, values in latencies.items()},
+                "worst_probe": max(probes),
+                "clients": health["clients"],
+                "received": sum(listener.received for listener in listeners),
+            }
+
+        result = run(main(), timeout=seconds + 120)
+        log = cluster.log()
+    report("broadcast loop", readers=readers, seconds=seconds, **result)
+    assert result["clients"] == readers + 4 + 1, result  # nobody lost, counts right
+    assert all(count >= 3 for count in result["samples"].values()), result
+    assert all(p99 <= 0.5 for p99 in result["p99"].values()), result
+    assert result["worst_probe"] < 1.0
+    assert "silent for" not in log and "forgetting it" not in log, log[-3000:]
+    assert result["received"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_one_client_broadcasting_in_a_loop_does_not_freeze_its_worker() -> None:
+    _broadcast_loop_keeps_everyone_served(readers=1000, seconds=6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_client_broadcasting_for_20s_to_2000_readers_on_2_workers() -> None:
+    _broadcast_loop_keeps_everyone_served(readers=2000, seconds=20)

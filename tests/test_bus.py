@@ -39,7 +39,7 @@ from enjent.server.ids import ClientIds
         (Kind.HEARTBEAT, [1234, 10, {"sent": 1, "gaps": 0}]),
         (Kind.HELLO, []),
         (Kind.SNAPSHOT_REQ, [3]),
-        (Kind.SNAPSHOT, [[["0-abc-1", "/", 1.5], ["0-abc-2", "/x", 2.5]]]),
+        (Kind.SNAPSHOT, [[["0-abc-1", "/", 1.5], ["0-abc-2", "/x", 2.5]], 0, True]),
         (Kind.DEAD, [1, 4321]),
     ],
 )
@@ -135,8 +135,14 @@ def test_topics_are_prefix_free() -> None:
                 assert not other.startswith(one), (one, other)
 
 
-def test_room_topic_of_non_ascii_name() -> None:
-    assert bus.room_topic("café") == b"Rcaf\xc3\xa9\x00"
+def test_room_topic_is_a_fixed_size_digest_of_the_name() -> None:
+    """Subscription tables never grow with the name; no topic is a prefix of another."""
+    names = ["café", "a", "ab", "x" * 100_000, "lobby"]
+    topics = [bus.room_topic(name) for name in names]
+    assert {len(topic) for topic in topics} == {17}
+    assert len(set(topics)) == len(names)
+    assert all(topic.startswith(b"R") for topic in topics)
+    assert bus.room_topic("café") == bus.room_topic("café")
 
 
 def test_shard_of() -> None:
@@ -179,6 +185,7 @@ class FakeHub:
         self.clients: dict[str, Any] = {}
         self.stats: dict[str, int] = {}
         self.written: list[bytes] = []
+        self.deliveries = 0
 
     @property
     def count(self) -> int:
@@ -234,7 +241,10 @@ def test_garbage_is_counted_and_dropped_not_fatal() -> None:
         [bus.TOPIC_ALL, msgpack.packb({"a": 1})],
         [bus.TOPIC_ALL, msgpack.packb([99, 1, "g", 1])],
         [bus.TOPIC_ALL, bus.encode(Kind.BROADCAST, 1, "g", 1, "a str, not bytes", None)],
-        [bus.TOPIC_DIRECTORY, bus.encode(Kind.SNAPSHOT, 1, "g", 1, "not a list of triples")],
+        [
+            bus.TOPIC_DIRECTORY,
+            bus.encode(Kind.SNAPSHOT, 1, "g", 1, "not a list of triples", 0, True),
+        ],
         [bus.TOPIC_ALL],  # one part
         [bus.TOPIC_ALL, b"", b""],  # three parts
         broadcast(1),
@@ -320,3 +330,42 @@ def test_new_generation_of_a_shard_purges_the_old_one() -> None:
     feed(cluster, sub, [bus.TOPIC_DIRECTORY, hello])
     assert cluster.client_count() == 0
     assert cluster.peers[1].generation == "new"
+
+
+def test_a_large_snapshot_goes_in_bounded_parts_and_arrives_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """2,200 clients with 8 KiB paths (17 MiB, over MAX_BODY in one message): in parts."""
+    from types import SimpleNamespace
+
+    sender, _, hub = make_client()
+    for index in range(2200):
+        request = SimpleNamespace(path="/" + "p" * 8191)
+        client_id = f"0-self00-{index:x}"
+        hub.clients[client_id] = SimpleNamespace(id=client_id, request=request, connected_at=1.0)
+    published: list[tuple[bytes, list[Any]]] = []
+
+    def publish(topic: bytes, kind: Kind, *fields: Any) -> bool:
+        published.append((topic, [int(kind), *fields]))
+        return True
+
+    sender._publish = publish  # type: ignore[method-assign]
+    sender._send_snapshot(1)
+    bodies = [bus.encode(Kind(fields[0]), 0, "self00", seq, *fields[1:])
+              for seq, (_, fields) in enumerate(published, 1)]  # fmt: skip
+    assert len(bodies) >= 17 and all(len(body) < bus.MAX_BODY // 8 for body in bodies)
+    assert [fields[-1] for _, fields in published] == [False] * (len(published) - 1) + [True]
+
+    receiver, sub, _ = make_client()
+    receiver.shard = 1
+    feed(receiver, sub, *[[bus.shard_topic(1), body] for body in bodies])
+    assert receiver.client_count() == 2200
+    assert receiver.counters["malformed"] == 0
+
+    failing, _, failing_hub = make_client()
+    failing_hub.clients.update(hub.clients)
+    failing._publish = lambda *args: False  # type: ignore[assignment]
+    with caplog.at_level("WARNING", logger="enjent.cluster"):
+        failing._send_snapshot(1)
+    assert failing.counters["snapshot_failures"] == 1
+    assert "snapshot_failures" in caplog.text

@@ -159,6 +159,7 @@ def test_enjent_port_environment_variable_is_honoured() -> None:
         "ENJENT_PORT": str(port),
         "ENJENT_APP": "tests.cluster_app:server",
         "ENJENT_WORKERS": "2",
+        "ENJENT_HEALTH_DETAIL": "1",
     }
     assert ENJENT is not None, f"the `enjent` console script is not installed at {SCRIPT}"
     command = [ENJENT, "run"]

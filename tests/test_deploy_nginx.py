@@ -241,7 +241,15 @@ def enjent_command(app: str, *, port: int, workers: int) -> list[str]:
     """``enjent run APP --workers N`` (the installed script, as systemd runs it)."""
     script = Path(sys.executable).with_name("enjent")
     head = [str(script)] if script.exists() else [sys.executable, "-m", "enjent_supervisor"]
-    options = ["--port", str(port), "--workers", str(workers), "--log-level", "INFO"]
+    options = [
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "INFO",
+        "--health-detail",
+    ]
     return [*head, "run", app, *options]
 
 

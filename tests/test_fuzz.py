@@ -546,7 +546,11 @@ def violations(limit: int, deflate: bool) -> list[tuple[bytes, int]]:
         (encode_frame(9, b"", fin=False, mask=mask), 1002),
         (encode_frame(1, b"ok\xff", mask=mask), 1007),
         (bytes([0x82, 0xFF]) + (1 << 63).to_bytes(8, "big") + mask, 1002),
-        (bytes([0x82, 0xFF]) + (limit + 1).to_bytes(8, "big") + mask, 1009),
+        (encode_frame(2, bytes(limit + 1), mask=mask)[: -(limit + 1)], 1009),  # header only
+        (
+            bytes([0x82, 0xFF]) + (limit + 1).to_bytes(8, "big") + mask,
+            1002 if limit + 1 < 65536 else 1009,
+        ),  # non-minimal length
         (encode_frame(8, b"\x03", mask=mask), 1002),
         (encode_frame(8, (1005).to_bytes(2, "big"), mask=mask), 1002),
         (encode_frame(8, b"\x03\xe8\xff", mask=mask), 1007),

@@ -187,7 +187,7 @@ def test_first_server_snippet_under_enjent_run(tmp_path: Path) -> None:
     port = free_port()
     command = [
         *(sys.executable, "-m", "enjent", "run", "myapp:server"),
-        *("--app-dir", str(tmp_path), "--port", str(port), "--workers", "2"),
+        *("--app-dir", str(tmp_path), "--port", str(port), "--workers", "2", "--health-detail"),
     ]
     with Cluster(workers=2, port=port, command=command) as cluster:
         health = cluster.wait_ready()

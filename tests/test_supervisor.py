@@ -407,6 +407,7 @@ def test_echo_example_with_two_workers_broadcasts_everywhere() -> None:
         str(port),
         "--workers",
         "2",
+        "--health-detail",
     ]
     with Cluster(workers=2, port=port, command=command) as cluster:
         cluster.wait_ready()

@@ -34,7 +34,10 @@ Kinds and their fields:
 ``HEARTBEAT``      ``pid, client_count, stats``: once a second per worker
 ``HELLO``          (none): a worker (re)started with a new generation
 ``SNAPSHOT_REQ``   ``reply_shard``: send me your clients (on ``S<shard>.``)
-``SNAPSHOT``       ``[[client_id, path, connected_at], ...]``: a worker's clients
+``SNAPSHOT``       ``[[client_id, path, connected_at], ...], part, last``: a
+                   worker's clients, in parts of at most
+                   :data:`SNAPSHOT_PART_BYTES` (part 0 replaces what the
+                   receiver knew; ``last`` is true on the final part)
 ``DEAD``           ``shard, pid``: from the broker, for the supervisor: the
                    worker process died; purge its clients
 =================  =============================================================
@@ -67,6 +70,8 @@ __all__ = [
 
 #: The largest envelope body accepted (a frame of 16 MiB plus headroom).
 MAX_BODY = 17 * 1024 * 1024
+#: The most bytes of client rows in one SNAPSHOT part (far under MAX_BODY).
+SNAPSHOT_PART_BYTES = 1024 * 1024
 
 TOPIC_ALL = b"A"
 TOPIC_DIRECTORY = b"D"
@@ -102,7 +107,7 @@ _FIELD_COUNTS = {
     Kind.HEARTBEAT: 3,
     Kind.HELLO: 0,
     Kind.SNAPSHOT_REQ: 1,
-    Kind.SNAPSHOT: 1,
+    Kind.SNAPSHOT: 3,
     Kind.DEAD: 2,
 }
 

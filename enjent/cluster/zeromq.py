@@ -32,6 +32,7 @@ import zmq
 from ..exceptions import BusError
 from ..frames import CloseCode
 from ..protocol import OutgoingMessage
+from ..server.connection import DELIVERY_BUDGET
 from ..server.ids import ClientIds
 from ..server.metrics import WorkerSample
 from . import bus
@@ -131,7 +132,16 @@ class ClusterClient:
         self._shard_counts: collections.Counter[int] = collections.Counter()
         self.peers: dict[int, Peer] = {}
         self.counters: dict[str, int] = dict.fromkeys(
-            ("sent", "received", "dropped", "malformed", "gaps", "rate_limited"), 0
+            (
+                "sent",
+                "received",
+                "dropped",
+                "malformed",
+                "gaps",
+                "rate_limited",
+                "snapshot_failures",
+            ),
+            0,
         )
         self._seq: dict[bytes, int] = {}
         self._last_seq: dict[bytes, dict[tuple[int, str], int]] = {}
@@ -393,7 +403,11 @@ class ClusterClient:
         sub = self._sub
         if sub is None:
             return
+        hub = self.hub
+        budget_end = hub.deliveries + DELIVERY_BUDGET
         for _ in range(_RECEIVE_BATCH):
+            if hub.deliveries > budget_end:
+                break  # a fair share of the loop: the rest on the next turn
             try:
                 parts = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -493,18 +507,17 @@ class ClusterClient:
         elif kind is Kind.HELLO:
             self._peer(origin, generation)
         elif kind is Kind.SNAPSHOT_REQ:
-            reply_shard = int(fields[0])
-            snapshot = [
-                [client.id, client.request.path, client.connected_at]
-                for client in hub.clients.values()
-            ]
-            self._publish(bus.shard_topic(reply_shard), Kind.SNAPSHOT, snapshot)
+            self._send_snapshot(int(fields[0]))
         elif kind is Kind.SNAPSHOT:
             rows = [(str(c), str(p), float(t)) for c, p, t in fields[0]]  # all or nothing
+            part, last = int(fields[1]), bool(fields[2])
             self._peer(origin, generation)
-            self._purge(origin)
+            if part == 0:
+                self._purge(origin)
             for client_id, path, connected_at in rows:
                 self._directory_add(client_id, origin, path, connected_at)
+            if last:
+                logger.debug("snapshot of worker %d: %d parts", origin, part + 1)
         elif kind is Kind.DEAD:
             shard, pid = int(fields[0]), int(fields[1])
             peer = self.peers.get(shard)
@@ -532,6 +545,39 @@ class ClusterClient:
         key = (shard, generation)
         for per_topic in self._last_seq.values():
             per_topic.pop(key, None)
+
+    def _send_snapshot(self, reply_shard: int) -> None:
+        """This worker's clients to ``reply_shard``, in parts bounded in bytes.
+
+        A part that cannot be published (a high-water mark, the rate limit)
+        is counted and logged: the receiver's count then disagrees with our
+        heartbeat and it asks again.
+        """
+        topic = bus.shard_topic(reply_shard)
+        rows: list[list[Any]] = []
+        size = 0
+        part = 0
+        clients = list(self.hub.clients.values())
+        for index, client in enumerate(clients):
+            path = client.request.path
+            rows.append([client.id, path, client.connected_at])
+            size += len(client.id) + len(path) + 16
+            last = index == len(clients) - 1
+            if size >= bus.SNAPSHOT_PART_BYTES or last:
+                if not self._publish(topic, Kind.SNAPSHOT, rows, part, last):
+                    self._snapshot_failed(reply_shard, part)
+                    return
+                rows, size, part = [], 0, part + 1
+        if not clients and not self._publish(topic, Kind.SNAPSHOT, [], 0, True):
+            self._snapshot_failed(reply_shard, 0)
+
+    def _snapshot_failed(self, reply_shard: int, part: int) -> None:
+        self.counters["snapshot_failures"] += 1
+        logger.warning(
+            "snapshot for worker %d: part %d not published (counted as snapshot_failures)",
+            reply_shard,
+            part,
+        )
 
     def _on_heartbeat(self, origin: int, generation: str, fields: list[Any]) -> None:
         pid, clients, stats = fields

@@ -60,7 +60,7 @@ class WebSocketServer:
     ``ping_interval`` (``None``: no keepalive), ``ping_timeout``,
     ``close_timeout``, ``sweep_interval``; :class:`~.options.HandshakeOptions`:
     ``subprotocols``, ``allowed_origins`` (``None`` in the list admits
-    clients without Origin), ``health_path``, ``metrics_path``,
+    clients without Origin), ``health_path``, ``health_detail``, ``metrics_path``,
     ``trusted_proxies``, ``client_class`` / ``client_factory``,
     ``server_header``, ``access_log``) and ``compression`` (``"deflate"``,
     ``None`` or a :class:`~enjent.deflate.DeflateOptions`). Each is readable
@@ -76,6 +76,7 @@ class WebSocketServer:
     subprotocols: OptionView[tuple[str, ...]] = OptionView()
     allowed_origins: OptionView[frozenset[str | None] | None] = OptionView()
     health_path: OptionView[str | None] = OptionView()
+    health_detail: OptionView[bool] = OptionView()
     metrics_path: OptionView[str | None] = OptionView()
     trusted_proxies: OptionView[tuple[Any, ...]] = OptionView()
     client_class: OptionView[type[WebSocketClient]] = OptionView()
@@ -101,6 +102,7 @@ class WebSocketServer:
         subprotocols: Sequence[str] = (),
         allowed_origins: Iterable[str | None] | None = None,
         health_path: str | None = "/healthz",
+        health_detail: bool = False,
         metrics_path: str | None = "/metrics",
         trusted_proxies: Iterable[str] = (),
         client_class: type[WebSocketClient] = WebSocketClient,

@@ -35,6 +35,9 @@ __all__ = ["Connection", "ServerState"]
 logger = logging.getLogger("enjent.connection")
 
 _OPEN = State.OPEN
+#: Client writes (deliveries) that the messages of one read may cause in one
+#: callback before the rest waits for a later turn of the loop.
+DELIVERY_BUDGET = 20_000
 #: Sent without reading the request, to a connection over the open-file limit.
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
@@ -104,6 +107,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
         "_half_closed",
         "_head",
         "active",
+        "backlog",
         "batching",
         "client",
         "closing_since",
@@ -130,6 +134,8 @@ class Connection(ServerProtocol, asyncio.Protocol):
         #: bytes queued by the read in progress (answers to this client's own
         #: messages): they count toward ``write_limit`` as the transport's do
         self.queued = 0
+        #: messages read but not handled yet (see _dispatch), or None
+        self.backlog: list[Any] | None = None
         self._half_closed = False
         self._drain_waiter: asyncio.Future[None] | None = None
         #: set on every read, cleared by the sweep: liveness without a clock call
@@ -164,37 +170,79 @@ class Connection(ServerProtocol, asyncio.Protocol):
             return
         events = self.receive_data(data)
         state = self.state_of_server
-        stats = state.stats
-        stats["bytes_received"] += len(data)
+        state.stats["bytes_received"] += len(data)
+        if self.backlog is not None:  # still working through earlier messages
+            self.backlog.extend(events)
+            return
         if events:
-            self.batching = True
-            handlers = state.handlers
-            client = self.client
-            handler = handlers.single_message
-            messages = 0
-            try:
-                for event in events:
-                    kind = type(event)
-                    if kind is _str or kind is _bytes:
-                        messages += 1
-                        if handler is None:
-                            handlers.received(client, event)  # type: ignore[arg-type]
-                            continue
-                        try:
-                            result = handler(client, event)
-                        except Exception as exc:
-                            handlers.report_error(client, exc)
-                            continue
-                        if result is not None and inspect.isawaitable(result):
-                            handlers.spawn(result, client)
-                    elif kind is Close:
-                        self._on_close(event)  # type: ignore[arg-type]
-                    else:
-                        handlers.control_frame(client, event)
-            finally:
-                self.batching = False
-                stats["messages_received"] += messages
+            self._dispatch(events)
         self._flush()
+
+    def _dispatch(self, events: list[Any]) -> None:
+        """Hand the events to the handlers, as many as one callback's fair share allows.
+
+        When the messages handled so far made the hub write to more than
+        :data:`DELIVERY_BUDGET` clients (a client broadcasting in a loop), the
+        rest waits for a later turn of the loop, and this client is not read
+        from meanwhile: the other clients, the bus and the heartbeats keep
+        being served, and the broadcaster is slowed down to what the worker
+        can write.
+        """
+        state = self.state_of_server
+        stats = state.stats
+        hub = state.hub
+        budget_end = hub.deliveries + DELIVERY_BUDGET
+        self.batching = True
+        handlers = state.handlers
+        client = self.client
+        handler = handlers.single_message
+        messages = 0
+        done = 0
+        try:
+            for event in events:
+                done += 1
+                kind = type(event)
+                if kind is _str or kind is _bytes:
+                    messages += 1
+                    if hub.deliveries > budget_end and done < len(events):
+                        self._defer(events[done - 1 :])
+                        messages -= 1
+                        break
+                    if handler is None:
+                        handlers.received(client, event)
+                        continue
+                    try:
+                        result = handler(client, event)
+                    except Exception as exc:
+                        handlers.report_error(client, exc)
+                        continue
+                    if result is not None and inspect.isawaitable(result):
+                        handlers.spawn(result, client)
+                elif kind is Close:
+                    self._on_close(event)
+                else:
+                    handlers.control_frame(client, event)
+        finally:
+            self.batching = False
+            stats["messages_received"] += messages
+
+    def _defer(self, events: list[Any]) -> None:
+        self.backlog = events
+        transport = self.transport
+        if transport is not None:
+            transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._work_through_backlog)
+
+    def _work_through_backlog(self) -> None:
+        events = self.backlog
+        self.backlog = None
+        transport = self.transport
+        if events is None or transport is None or self.client is None:
+            return
+        self._dispatch(events)
+        self._flush()
+        if self.backlog is None and not self.paused and not transport.is_closing():
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state_of_server
@@ -216,7 +264,7 @@ class Connection(ServerProtocol, asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and self.backlog is None:
             transport.resume_reading()
         waiter = self._drain_waiter
         if waiter is not None:
@@ -321,6 +369,11 @@ class Connection(ServerProtocol, asyncio.Protocol):
             return
         self.queued = 0
         pending = self.pending
+        if self.backlog is not None:  # messages read before a close are still to come
+            if pending:
+                transport.write(b"".join(pending))
+                pending.clear()
+            return
         if pending or self.state is State.CLOSED:
             data = self.data_to_send()
             if data:

@@ -75,7 +75,7 @@ class TrustedProxies:
 class Hub:
     """This process's clients and rooms, and the cluster engine behind them."""
 
-    __slots__ = ("_clients", "_rooms", "ids", "limits", "peers", "proxies", "stats")
+    __slots__ = ("_clients", "_rooms", "deliveries", "ids", "limits", "peers", "proxies", "stats")
 
     def __init__(self, stats: dict[str, int]) -> None:
         self._clients: dict[str, WebSocketClient] = {}
@@ -84,6 +84,8 @@ class Hub:
         self.stats = stats
         self.proxies = TrustedProxies(())
         self.limits = Limits()
+        #: client writes by broadcasts so far: what bounds the work of one callback
+        self.deliveries = 0
         #: The cluster engine: :class:`LocalPeers` until a worker plugs one in.
         self.peers: Peers = LocalPeers(self)
 
@@ -224,6 +226,7 @@ class Hub:
             if connection.send_frame(out):
                 count += 1
                 sent_bytes += len(out)
+        self.deliveries += count
         if count:
             stats = self.stats
             stats["messages_sent"] += count

@@ -67,6 +67,7 @@ _BUS_COUNTERS: tuple[tuple[str, str], ...] = (
     ("rate_limited", "bus messages dropped over the publish rate limit"),
     ("gaps", "bus messages lost (sequence gaps seen by receivers)"),
     ("malformed", "malformed bus messages ignored"),
+    ("snapshot_failures", "parts of a directory snapshot that could not be published"),
 )
 
 

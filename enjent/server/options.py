@@ -108,6 +108,9 @@ class HandshakeOptions:
     #: ``None``: any origin; otherwise these (``None`` in it: no Origin header).
     allowed_origins: frozenset[str | None] | None = None
     health_path: str | None = "/healthz"
+    #: The health path's answer: status and client count (``False``), or also
+    #: per-worker pids, generations, bus and error counters (``True``).
+    health_detail: bool = False
     metrics_path: str | None = "/metrics"
     #: Peers whose ``X-Forwarded-For`` / ``X-Real-Ip`` is believed.
     trusted_proxies: tuple[Network, ...] = ()
@@ -149,8 +152,9 @@ class HandshakeOptions:
             raise TypeError("client_factory must be a callable taking the Request, or None")
         if self.server_header is not None and not isinstance(self.server_header, str):
             raise ValueError(f"server_header must be a str or None, got {self.server_header!r}")
-        if not isinstance(self.access_log, bool):
-            raise ValueError(f"access_log must be True or False, got {self.access_log!r}")
+        for name in ("access_log", "health_detail"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 def _compression(value: Any) -> DeflateOptions | None:

@@ -135,7 +135,11 @@ class HandshakePolicy:
         self.hooks.append(hook)
 
     def health(self) -> dict[str, Any]:
-        return self.hub.peers.health()
+        """The health answer: status and clients; the detail only with ``health_detail``."""
+        full = self.hub.peers.health()
+        if self.options.handshake.health_detail:
+            return full
+        return {"status": full["status"], "clients": full["clients"]}
 
     def metrics(self) -> str:
         return render_metrics(self.hub.peers.metrics_samples())
