@@ -37,7 +37,7 @@ logger = logging.getLogger("enjent.connection")
 _OPEN = State.OPEN
 #: Client writes (deliveries) that the messages of one read may cause in one
 #: callback before the rest waits for a later turn of the loop.
-DELIVERY_BUDGET = 20_000
+DELIVERY_BUDGET = 5_000
 #: Sent without reading the request, to a connection over the open-file limit.
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
