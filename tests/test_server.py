@@ -630,8 +630,19 @@ async def test_health_path() -> None:
     assert status == 200
     assert headers["content-type"] == "application/json"
     health = json.loads(body)
-    assert health["status"] == "ok"
-    assert health["clients"] == 2
+    assert health == {"status": "ok", "clients": 2}  # nothing internal by default
+
+
+@async_test
+async def test_health_detail_shows_workers_and_counters() -> None:
+    server = WebSocketServer(health_detail=True)
+    async with server.serve(HOST, 0), ws_connect(server):
+        await eventually(lambda: server.client_count == 1)
+        _, _, body = await raw_http(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    health = json.loads(body)
+    assert health["clients"] == 1
+    assert health["workers"][0]["pid"] == os.getpid()
+    assert health["stats"]["connections_accepted"] == 1
 
 
 @async_test
