@@ -122,6 +122,7 @@ class ServerProtocol:
         "_buffer",
         "_close_frame",
         "_decoder",
+        "_eof_due",
         "_frag_compressed",
         "_frag_opcode",
         "_frag_size",
@@ -147,6 +148,7 @@ class ServerProtocol:
         #: Our close frame once the read that ended the connection is parsed;
         #: written after the answers to the messages that read delivered.
         self._close_frame: bytes | None = None
+        self._eof_due = True
         self.close_code: int | None = None
         self.close_reason = ""
         self._buffer: bytearray | None = None  # a partial frame, only while one is
@@ -542,6 +544,22 @@ class ServerProtocol:
             return encode_frame(opcode, extension.encode(bytes(payload)), rsv1=True)
         return encode_frame(opcode, payload)
 
+    def should_half_close(self) -> bool:
+        """True once, when the WebSocket is closed and everything we had to send is out.
+
+        The I/O layer then ends its side of TCP (FIN) and goes on reading,
+        dropping what comes, until the peer closes: closing at once could
+        answer the peer's last bytes (a second close frame, data in flight)
+        with a reset, which can discard our close frame. RFC 6455 §7.1.1 lets
+        the server close the TCP connection first; the wait is bounded by
+        the server's ``close_timeout``.
+        """
+        if self.state is not State.CLOSED or self.pending or self._close_frame is not None:
+            return False
+        due = self._eof_due
+        self._eof_due = False
+        return due
+
     def transport_lost(self) -> None:
         """The transport is gone: a close without a close frame is 1006 (RFC 6455 §7.1.5).
 
@@ -553,6 +571,7 @@ class ServerProtocol:
         self.state = State.CLOSED
         self.pending.clear()
         self._close_frame = None
+        self._eof_due = False
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer."""

@@ -231,7 +231,12 @@ def test_every_option_is_an_attribute_of_the_server() -> None:
     from enjent import WebSocketServer
     from enjent.server.options import OptionView, ServerOptions
 
-    views = {name for name, value in vars(WebSocketServer).items() if isinstance(value, OptionView)}
+    views = {
+        name
+        for klass in WebSocketServer.__mro__
+        for name, value in vars(klass).items()
+        if isinstance(value, OptionView)
+    }
     assert views == set(ServerOptions.names())
     server = WebSocketServer(close_timeout=2, max_message_size=1000)
     assert server.close_timeout == 2.0 and server.max_message_size == 1000

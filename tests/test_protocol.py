@@ -603,3 +603,22 @@ def test_invalid_utf8_in_a_fragment_still_fails_fast() -> None:
     assert protocol.receive_data(text("ok", fin=False)) == []
     events = protocol.receive_data(cont(b"\xff", fin=False))
     assert failed_with(events, CloseCode.INVALID_PAYLOAD_DATA)
+
+
+def test_the_core_decides_when_to_half_close_and_what_a_lost_transport_means() -> None:
+    protocol = ServerProtocol()
+    assert not protocol.should_half_close()  # open
+    events = protocol.receive_data(close(1000, "bye"))
+    assert events == [Close(1000, "bye")]
+    assert not protocol.should_half_close()  # our close frame is not out yet
+    assert server_frames(protocol.data_to_send()) == [close_frame(1000, "bye")]
+    assert protocol.should_half_close()  # now, once
+    assert not protocol.should_half_close()
+    lost = ServerProtocol()
+    lost.transport_lost()
+    assert lost.close_code == CloseCode.ABNORMAL_CLOSURE  # 1006: no close frame either way
+    assert not lost.should_half_close()
+    ours = ServerProtocol()
+    ours.close(1001, "going")
+    ours.transport_lost()
+    assert ours.close_code == 1001  # a close we started keeps our code

@@ -21,6 +21,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clusterutil import (
@@ -506,3 +507,56 @@ def test_broker_restarts_back_off_and_a_broker_that_never_starts_stops_the_super
         fresh._broker_started_at = clock[0]
         fresh._broker_died(1234, 1)
     assert fresh._stopping and fresh.exit_code == arbiter_module.WORKER_BOOT_ERROR
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_that_cannot_bind_stops_the_supervisor_with_exit_3(tmp_path: Path) -> None:
+    """A runtime directory with no inode left (a tmpfs of our own, in a private mount
+    namespace): the broker cannot bind; three attempts with a backoff, then exit 3."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to mount a private tmpfs")
+    runtime = tmp_path / "full"
+    runtime.mkdir()
+    port = free_port()
+    script = (
+        f"mount -t tmpfs -o size=1m,nr_inodes=2 tmpfs {runtime} && exec {sys.executable} -m "
+        f"enjent run tests.cluster_app:server --workers 2 --port {port} --runtime-dir {runtime}"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    took = time.monotonic() - started
+    if "mount:" in done.stderr and done.returncode not in (0, 3):
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    assert done.returncode == 3, done.stderr
+    assert "the bus broker cannot start" in done.stderr
+    assert len(done.stderr.splitlines()) < 60  # bounded log, no restart storm
+    assert took < 20, took
+    assert port_is_free(port)
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_broker_shows_as_bus_down_in_healthz() -> None:
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        broker = cluster.broker_pid()
+        assert healthz(cluster.port)["status"] == "ok"
+        os.kill(broker, signal.SIGSTOP)
+        try:
+
+            def degraded() -> dict[str, Any] | None:
+                data = healthz(cluster.port, timeout=1.0)
+                return data if data["status"] == "degraded" else None
+
+            data = wait_for(degraded, 15.0)
+            assert data["bus"]["up"] is False
+        finally:
+            os.kill(broker, signal.SIGCONT)
+        wait_for(lambda: healthz(cluster.port, timeout=1.0)["status"] == "ok", 15.0)
+        cluster.signal(signal.SIGTERM)
+        assert cluster.wait(15) == 0

@@ -157,6 +157,8 @@ class ClusterClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._last_rate_warning = 0.0
+        #: when our own heartbeat last came back through the broker
+        self._own_heartbeat_at = time.monotonic()
         self._last_malformed_warning = -10.0
 
     # ----------------------------------------------------------- lifecycle
@@ -366,14 +368,18 @@ class ClusterClient:
                 }
             )
         return {
-            "status": "ok",
+            "status": "ok" if self.bus_up() else "degraded",
             "clients": hub.count + len(self.directory),
             "local_clients": hub.count,
             "shard": self.shard,
             "workers": workers,
-            "bus": dict(self.counters),
+            "bus": {**self.counters, "up": self.bus_up()},
             "stats": dict(hub.stats),
         }
+
+    def bus_up(self) -> bool:
+        """Whether our heartbeats come back through the broker (within 3 intervals)."""
+        return time.monotonic() - self._own_heartbeat_at < 3 * self.heartbeat_interval + 1.0
 
     def metrics_samples(self) -> list[WorkerSample]:
         """This worker's figures, and each peer's from its last heartbeat."""
@@ -455,6 +461,8 @@ class ClusterClient:
         kind, origin, generation, seq, fields = bus.decode(body)
         own = origin == self.shard and generation == self.generation
         if own:
+            if kind is Kind.HEARTBEAT:  # our own heartbeat went round: the bus works
+                self._own_heartbeat_at = time.monotonic()
             return
         self._track_seq(topic, origin, generation, seq)
         try:

@@ -27,7 +27,7 @@ from .handlers import Handlers
 from .hub import Hub, TrustedProxies
 from .keepalive import sweep_forever
 from .metrics import COUNTERS
-from .options import OptionView, ServerOptions
+from .options import OptionAttributes, ServerOptions
 from .peers import Peers
 from .policy import HandshakePolicy
 from .rooms import Room
@@ -48,7 +48,7 @@ logger = logging.getLogger("enjent.server")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class WebSocketServer:
+class WebSocketServer(OptionAttributes):
     """A WebSocket server: register handlers, then ``run`` or ``start`` it.
 
     Every option is keyword-only, with a safe default; they are documented
@@ -71,30 +71,6 @@ class WebSocketServer:
     (``send`` returns ``False``) and it is closed with 1008. Memory per
     client is thus bounded by about ``write_limit`` plus one message.
     """
-
-    compression: OptionView[DeflateOptions | None] = OptionView()
-    subprotocols: OptionView[tuple[str, ...]] = OptionView()
-    allowed_origins: OptionView[frozenset[str | None] | None] = OptionView()
-    health_path: OptionView[str | None] = OptionView()
-    health_detail: OptionView[bool] = OptionView()
-    metrics_path: OptionView[str | None] = OptionView()
-    trusted_proxies: OptionView[tuple[Any, ...]] = OptionView()
-    client_class: OptionView[type[WebSocketClient]] = OptionView()
-    client_factory: OptionView[Callable[[Request], WebSocketClient] | None] = OptionView()
-    server_header: OptionView[str | None] = OptionView()
-    access_log: OptionView[bool] = OptionView()
-    max_message_size: OptionView[int] = OptionView()
-    max_connections: OptionView[int] = OptionView()
-    write_limit: OptionView[int] = OptionView()
-    max_request_size: OptionView[int] = OptionView()
-    max_request_line: OptionView[int] = OptionView()
-    max_room_name: OptionView[int] = OptionView()
-    max_rooms_per_client: OptionView[int] = OptionView()
-    handshake_timeout: OptionView[float] = OptionView()
-    ping_interval: OptionView[float | None] = OptionView()
-    ping_timeout: OptionView[float] = OptionView()
-    close_timeout: OptionView[float] = OptionView()
-    sweep_interval: OptionView[float] = OptionView()
 
     def __init__(
         self,

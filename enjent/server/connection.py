@@ -104,7 +104,6 @@ class Connection(ServerProtocol, asyncio.Protocol):
 
     __slots__ = (
         "_drain_waiter",
-        "_half_closed",
         "_head",
         "active",
         "backlog",
@@ -136,7 +135,6 @@ class Connection(ServerProtocol, asyncio.Protocol):
         self.queued = 0
         #: messages read but not handled yet (see _dispatch), or None
         self.backlog: list[Any] | None = None
-        self._half_closed = False
         self._drain_waiter: asyncio.Future[None] | None = None
         #: set on every read, cleared by the sweep: liveness without a clock call
         self.active = False
@@ -378,17 +376,14 @@ class Connection(ServerProtocol, asyncio.Protocol):
             data = self.data_to_send()
             if data:
                 transport.write(data)
-        if self.state is State.CLOSED and not self._half_closed:
+        if self.should_half_close():  # the core's decision: closed, all sent
             client = self.client
             if client is not None and self.close_code is not None:
                 # the WebSocket is closed: the client is gone now, even if TCP
                 # lingers a little (idempotent: reported once)
                 self._client_gone(client, self.close_code, self.close_reason)
-            # the peer may still be sending (a second close frame, data in
-            # flight): closing now could answer those bytes with a reset and
-            # lose our close frame, so shut down writing (FIN) and read until
-            # the peer closes (the sweep aborts it after close_timeout)
-            self._half_closed = True
+            # FIN, then read until the peer closes (the sweep aborts it after
+            # close_timeout)
             if transport.can_write_eof():
                 transport.write_eof()
             else:

@@ -21,7 +21,14 @@ from ..deflate import DeflateOptions
 from ..http11 import Request
 from .client import WebSocketClient
 
-__all__ = ["HandshakeOptions", "Limits", "OptionView", "ServerOptions", "Timeouts"]
+__all__ = [
+    "HandshakeOptions",
+    "Limits",
+    "OptionAttributes",
+    "OptionView",
+    "ServerOptions",
+    "Timeouts",
+]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -230,3 +237,36 @@ class OptionView(Generic[T]):
             raise AttributeError(self.name)
         value: T = instance.options.get(self.name)
         return value
+
+
+class OptionAttributes:
+    """Every option as a read-only attribute (``server.close_timeout``), for a class
+    whose ``options`` property holds the :class:`ServerOptions` in force."""
+
+    @property
+    def options(self) -> ServerOptions:
+        raise NotImplementedError
+
+    compression: OptionView[DeflateOptions | None] = OptionView()
+    subprotocols: OptionView[tuple[str, ...]] = OptionView()
+    allowed_origins: OptionView[frozenset[str | None] | None] = OptionView()
+    health_path: OptionView[str | None] = OptionView()
+    health_detail: OptionView[bool] = OptionView()
+    metrics_path: OptionView[str | None] = OptionView()
+    trusted_proxies: OptionView[tuple[Any, ...]] = OptionView()
+    client_class: OptionView[type[WebSocketClient]] = OptionView()
+    client_factory: OptionView[Callable[[Request], WebSocketClient] | None] = OptionView()
+    server_header: OptionView[str | None] = OptionView()
+    access_log: OptionView[bool] = OptionView()
+    max_message_size: OptionView[int] = OptionView()
+    max_connections: OptionView[int] = OptionView()
+    write_limit: OptionView[int] = OptionView()
+    max_request_size: OptionView[int] = OptionView()
+    max_request_line: OptionView[int] = OptionView()
+    max_room_name: OptionView[int] = OptionView()
+    max_rooms_per_client: OptionView[int] = OptionView()
+    handshake_timeout: OptionView[float] = OptionView()
+    ping_interval: OptionView[float | None] = OptionView()
+    ping_timeout: OptionView[float] = OptionView()
+    close_timeout: OptionView[float] = OptionView()
+    sweep_interval: OptionView[float] = OptionView()
