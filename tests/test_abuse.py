@@ -878,7 +878,7 @@ READERS = textwrap.dedent(
 )
 
 
-def _broadcast_loop_keeps_everyone_served(readers: int, seconds: float) -> None:
+def _broadcast_loop_keeps_everyone_served(readers: int, seconds: float, p99_bound: float) -> None:
     from clusterutil import healthz, open_client_on
 
     with Cluster(workers=2) as cluster:
@@ -961,7 +961,7 @@ def _broadcast_loop_keeps_everyone_served(readers: int, seconds: float) -> None:
     report("broadcast loop", readers=readers, seconds=seconds, **result)
     assert result["clients"] == readers + 4 + 1, result  # nobody lost, counts right
     assert all(count >= 3 for count in result["samples"].values()), result
-    assert all(p99 <= 0.5 for p99 in result["p99"].values()), result
+    assert all(p99 <= p99_bound for p99 in result["p99"].values()), result
     assert result["worst_probe"] < 1.0
     assert "silent for" not in log and "forgetting it" not in log, log[-3000:]
     assert result["received"] > 0
@@ -969,10 +969,12 @@ def _broadcast_loop_keeps_everyone_served(readers: int, seconds: float) -> None:
 
 @pytest.mark.timeout(180)
 def test_one_client_broadcasting_in_a_loop_does_not_freeze_its_worker() -> None:
-    _broadcast_loop_keeps_everyone_served(readers=1000, seconds=6)
+    # a loose bound in the default suite (it shares the machine with other tests);
+    # before the fix a worker froze for tens of seconds, far past it
+    _broadcast_loop_keeps_everyone_served(readers=1000, seconds=6, p99_bound=2.0)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_client_broadcasting_for_20s_to_2000_readers_on_2_workers() -> None:
-    _broadcast_loop_keeps_everyone_served(readers=2000, seconds=20)
+    _broadcast_loop_keeps_everyone_served(readers=2000, seconds=20, p99_bound=0.5)
