@@ -167,27 +167,43 @@ class ServerProtocol:
     # ------------------------------------------------------------------ input
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes read from the peer; return the events they complete."""
+        """Feed bytes read from the peer; return the events they complete.
+
+        A frame that straddles two reads is the only thing ever copied: its
+        bytes collect in a buffer (taking from the next read only what the
+        frame still lacks), and the frames after it are parsed in place in
+        the read itself. However the reads fall against frame boundaries,
+        each byte is copied at most once before unmasking.
+        """
         if self.state is State.CLOSED:
             return []
-        buffer = self._buffer
-        if buffer is not None:
-            buffer += data
-            if len(buffer) < self._need:
-                try:
-                    if self._partial is not None:
-                        self._check_partial(buffer)
-                    else:
-                        self._maybe_start_partial(buffer)
-                except ProtocolError as exc:
-                    return [self.fail(exc.close_code, str(exc))]
-                return []
-            data = bytes(buffer)
-            self._buffer = None
-            self._partial = None
         events: list[Event] = []
+        start = 0
+        buffer = self._buffer
         try:
-            consumed = self._parse(data, events)
+            if buffer is not None:
+                view = memoryview(data)
+                while True:
+                    missing = self._need - len(buffer)
+                    if len(data) - start < missing:  # still not enough: keep it all
+                        buffer += view[start:]
+                        if self._partial is not None:
+                            self._check_partial(buffer)
+                        else:
+                            self._maybe_start_partial(buffer)
+                        return events
+                    buffer += view[start : start + missing]
+                    start += missing
+                    if self._parse(buffer, events, 0):  # the straddling frame is whole
+                        break
+                    if self.is_closed():
+                        return events
+                    # only its header was: now its length is known, read on
+                self._buffer = None
+                self._partial = None
+                if self.is_closed():
+                    return events
+            consumed = self._parse(data, events, start)
         except ProtocolError as exc:
             events.append(self.fail(exc.close_code, str(exc)))
             return events
@@ -195,11 +211,10 @@ class ServerProtocol:
             self._buffer = bytearray(memoryview(data)[consumed:])
         return events
 
-    def _parse(self, data: bytes, events: list[Event]) -> int:
-        """Parse every complete frame of ``data``; return the bytes consumed."""
+    def _parse(self, data: bytes | bytearray, events: list[Event], pos: int) -> int:
+        """Parse every complete frame of ``data`` from ``pos``; return where it stopped."""
         view = memoryview(data)
         end = len(data)
-        pos = 0
         max_size = self.max_message_size
         while end - pos >= 2:
             first = data[pos]
@@ -345,7 +360,7 @@ class ServerProtocol:
         return pos
 
     def _start_partial(
-        self, data: bytes, pos: int, header: int, end: int, *, continued: bool
+        self, data: bytes | bytearray, pos: int, header: int, end: int, *, continued: bool
     ) -> None:
         """A text frame is still arriving: check the UTF-8 of what is here.
 
@@ -357,7 +372,7 @@ class ServerProtocol:
         decoder = _UTF8_DECODER("strict")
         if continued and self._decoder is not None:
             decoder.setstate(self._decoder.getstate())
-        key = data[pos + header - 4 : pos + header]
+        key = bytes(data[pos + header - 4 : pos + header])
         available = memoryview(data)[pos + header : end]
         self._decode_fragment(decoder, apply_mask(available, key), False)
         self._partial = (header, key, len(available), decoder)
