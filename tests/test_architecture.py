@@ -192,12 +192,10 @@ def tracked_text_files() -> list[Path]:
 
 
 def test_nothing_points_outside_the_repository() -> None:
-    this_file = Path(__file__).resolve()
-    outside = ["../shared", "shared/tools", "DESIGN.md", "STYLE.md"]
+    # spelled in parts, so that this file does not name them itself
+    outside = ["../" + "shared", "shared" + "/tools", "DESIGN" + ".md", "STYLE" + ".md"]
     problems = []
     for path in tracked_text_files():
-        if path.resolve() == this_file:
-            continue
         try:
             text = path.read_text()
         except UnicodeDecodeError:
