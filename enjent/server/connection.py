@@ -250,6 +250,9 @@ class Connection(ServerProtocol, asyncio.Protocol):
         client = self.client
         if client is None:
             return
+        # messages read but not yet handled when the client vanished are dropped:
+        # its handlers would otherwise see them after on_disconnect
+        self.backlog = None
         self.transport_lost()  # the core decides the code (1006, or ours if we closed)
         assert self.close_code is not None
         self._client_gone(client, self.close_code, self.close_reason)
