@@ -325,8 +325,8 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         try:
             values[setting.dest] = setting.convert(raw)
         except ValueError as exc:
-            detail = str(exc) if setting.convert is not int else "must be an integer"
-            if "invalid literal" in detail or "could not convert" in detail:
+            detail = str(exc)
+            if "invalid literal" in detail or "could not convert" in detail:  # int() / float()
                 detail = "must be a number"
             raise SettingError(f"{source} {detail}, got {raw!r}") from None
     return values

@@ -399,17 +399,13 @@ class Connection(ServerProtocol, asyncio.Protocol):
         """Encode one message (the core's one encoder) and write or queue it."""
         frame = self.encode_message(data)
         if self.state is _OPEN and not self.paused and not self.batching:  # the common case
-            stats = self.state_of_server.stats
-            stats["messages_sent"] += 1
-            stats["bytes_sent"] += len(frame)
             self.transport.write(frame)  # type: ignore[union-attr]
-            return True
-        if self.send_frame(frame):
-            stats = self.state_of_server.stats
-            stats["messages_sent"] += 1
-            stats["bytes_sent"] += len(frame)
-            return True
-        return False
+        elif not self.send_frame(frame):
+            return False
+        stats = self.state_of_server.stats
+        stats["messages_sent"] += 1
+        stats["bytes_sent"] += len(frame)
+        return True
 
     def send_frame(self, frame: bytes) -> bool:
         """Write an encoded frame, or queue it if this client's read is running."""
