@@ -25,13 +25,23 @@ from .exceptions import (
 from .frames import CloseCode, Opcode
 from .http11 import Headers, Request
 from .protocol import Close, Ping, Pong
-from .server import Accept, Response, Room, RoomUnion, WebSocketClient, WebSocketServer
+from .server import (
+    Accept,
+    ClientInfo,
+    Presence,
+    Response,
+    Room,
+    RoomUnion,
+    WebSocketClient,
+    WebSocketServer,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Accept",
     "BusError",
+    "ClientInfo",
     "Close",
     "CloseCode",
     "ConnectionClosedError",
@@ -41,6 +51,7 @@ __all__ = [
     "Opcode",
     "Ping",
     "Pong",
+    "Presence",
     "ProtocolError",
     "Request",
     "Response",

@@ -73,7 +73,7 @@ def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int)
                 body = bus.encode(
                     bus.Kind.DEAD, bus.BROKER_ORIGIN, generation, seq, int(parts[1]), int(parts[2])
                 )
-                announcer.send_multipart((bus.TOPIC_DIRECTORY, body))
+                announcer.send_multipart((bus.TOPIC_CONTROL, body))
     announcer.close()
     xsub.close()
     xpub.close()

@@ -9,10 +9,14 @@ Text commands (anything else is echoed):
 - ``whoami``: reply the client's id
 - ``count``: reply ``server.client_count``
 - ``get:<id>``: reply ``True`` or ``False``: ``server.get_client(id) is not None``
-- ``clients``: reply the number of entries of ``server.clients``
+- ``local``: reply the number of this worker's clients (``server.local_clients``)
+- ``presence`` / ``presence:<room>``: ``await server.fetch_clients(room=...)``,
+  reply ``<total> <rows> <workers answered> <workers missing>`` (comma lists)
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from enjent import WebSocketClient, WebSocketServer
 
@@ -31,8 +35,10 @@ def build_server() -> WebSocketServer:
                 client.send(client.id)
             elif message == "count":
                 client.send(str(app.client_count))
-            elif message == "clients":
-                client.send(str(len(app.clients)))
+            elif message == "local":
+                client.send(str(len(app.local_clients)))
+            elif message == "presence":
+                _reply_presence(client, None)
             else:
                 client.send(message)
         elif command == "broadcast":
@@ -48,9 +54,23 @@ def build_server() -> WebSocketServer:
             client.send(f"sent:{app.send(target, payload)}")
         elif command == "get":
             client.send(str(app.get_client(rest) is not None))
+        elif command == "presence":
+            _reply_presence(client, rest)
         else:
             client.send(message)
 
+    def _reply_presence(client: WebSocketClient, room: str | None) -> None:
+        async def ask() -> None:
+            presence = await app.fetch_clients(room=room, limit=100_000, timeout=1.0)
+            workers = ",".join(map(str, presence.workers))
+            missing = ",".join(map(str, presence.missing_workers)) or "-"
+            client.send(f"{presence.total} {len(presence)} {workers} {missing}")
+
+        task = asyncio.get_running_loop().create_task(ask())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    tasks: set[asyncio.Task[None]] = set()
     return app
 
 

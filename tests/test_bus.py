@@ -1,7 +1,8 @@
-"""The bus wire format (enjent/bus.py) and a worker's receive path (enjent/cluster.py).
+"""The bus wire format (enjent/cluster/bus.py) and a worker's engine (enjent/cluster/engine.py).
 
 The receive path is fed directly: a stand-in SUB socket hands envelopes to
-``ClusterClient._on_readable``, no broker and no other process.
+``ClusterClient._on_readable``, no broker and no other process. Presence
+queries run between engines joined by an in-memory bus (``MemoryBus``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import msgpack
 import pytest
 import zmq
 
-from enjent.cluster import ClusterClient, bus
+from enjent.cluster import BusEngine, ClusterClient, bus
 from enjent.cluster.bus import Kind
-from enjent.cluster.zeromq import shard_of
 from enjent.exceptions import BusError
 from enjent.protocol import OutgoingMessage
 from enjent.server.ids import ClientIds
@@ -34,13 +34,12 @@ from enjent.server.ids import ClientIds
         (Kind.ROOM, [["a", "b"], b"\x82\x01x", None, 7]),
         (Kind.SEND, ["1-abc-2", b"\x81\x00"]),
         (Kind.CLOSE, ["1-abc-2", 1000, "bye"]),
-        (Kind.CONNECT, ["0-abc-1", "/chat", 1700000000.5]),
-        (Kind.DISCONNECT, ["0-abc-1"]),
         (Kind.HEARTBEAT, [1234, 10, {"sent": 1, "gaps": 0}]),
         (Kind.HELLO, []),
-        (Kind.SNAPSHOT_REQ, [3]),
-        (Kind.SNAPSHOT, [[["0-abc-1", "/", 1.5], ["0-abc-2", "/x", 2.5]], 0, True]),
         (Kind.DEAD, [1, 4321]),
+        (Kind.PRESENCE_REQ, [7, 3, "abc", None, 1000]),
+        (Kind.PRESENCE_REQ, [7, 3, "abc", "lobby", 0]),
+        (Kind.PRESENCE, [7, "abc", [["0-abc-1", "/", 1.5], ["0-abc-2", "/x", 2.5]], 2, True]),
     ],
 )
 def test_round_trip(kind: Kind, fields: list[Any]) -> None:
@@ -94,7 +93,7 @@ def test_wrong_shape(value: Any) -> None:
         bus.decode(msgpack.packb(value, use_bin_type=True))
 
 
-@pytest.mark.parametrize("kind", [0, 5, 99, -1, "BROADCAST", None])
+@pytest.mark.parametrize("kind", [0, 5, 10, 11, 14, 15, 99, -1, "BROADCAST", None])
 def test_unknown_kind(kind: Any) -> None:
     with pytest.raises(BusError, match="kind"):
         bus.decode(msgpack.packb([kind, 0, "g", 1, b"f", None], use_bin_type=True))
@@ -109,7 +108,7 @@ def test_oversize_body() -> None:
 
 def test_decode_never_raises_anything_but_bus_error() -> None:
     rng = random.Random(6455)
-    good = bus.encode(Kind.CONNECT, 1, "gen", 5, "1-gen-1", "/", 1.0)
+    good = bus.encode(Kind.PRESENCE, 1, "gen", 5, 3, "gen", [["1-gen-1", "/", 1.0]], 1, True)
     for _ in range(2000):
         data = bytearray(good)
         for _ in range(rng.randint(1, 4)):
@@ -126,7 +125,7 @@ def test_topics_are_prefix_free() -> None:
     assert not bus.shard_topic(1).startswith(bus.shard_topic(10))
     assert not bus.room_topic("ab").startswith(bus.room_topic("a"))
     assert not bus.room_topic("a").startswith(bus.room_topic("ab"))
-    topics = [bus.TOPIC_ALL, bus.TOPIC_DIRECTORY, bus.shard_topic(0), bus.room_topic("A")]
+    topics = [bus.TOPIC_ALL, bus.TOPIC_CONTROL, bus.shard_topic(0), bus.room_topic("A")]
     topics += [bus.shard_topic(n) for n in (1, 2, 11, 111)]
     topics += [bus.room_topic(name) for name in ("a", "ab", "S1.", "é", "")]
     for one in topics:
@@ -146,6 +145,7 @@ def test_room_topic_is_a_fixed_size_digest_of_the_name() -> None:
 
 
 def test_shard_of() -> None:
+    shard_of = ClientIds.shard_of
     assert shard_of("0-abc-1") == 0
     assert shard_of("12-abc-ff") == 12
     assert shard_of("abc") is None
@@ -186,6 +186,7 @@ class FakeHub:
         self.stats: dict[str, int] = {}
         self.written: list[bytes] = []
         self.deliveries = 0
+        self.rooms: dict[str, set[Any]] = {}
 
     @property
     def count(self) -> int:
@@ -194,9 +195,12 @@ class FakeHub:
     def get(self, client_id: str) -> Any:
         return self.clients.get(client_id)
 
+    def members(self, name: str) -> set[Any]:
+        return self.rooms.get(name, set())
+
     def write_all(self, clients: Any, message: OutgoingMessage, exclude: Any) -> int:
         self.written.append(bytes(message.frame))
-        return 0
+        return len([client for client in clients if client is not exclude])
 
     def deliver_rooms(self, names: Any, message: OutgoingMessage, exclude: Any) -> int:
         self.written.append(bytes(message.frame))
@@ -242,17 +246,19 @@ def test_garbage_is_counted_and_dropped_not_fatal() -> None:
         [bus.TOPIC_ALL, msgpack.packb([99, 1, "g", 1])],
         [bus.TOPIC_ALL, bus.encode(Kind.BROADCAST, 1, "g", 1, "a str, not bytes", None)],
         [
-            bus.TOPIC_DIRECTORY,
-            bus.encode(Kind.SNAPSHOT, 1, "g", 1, "not a list of triples", 0, True),
+            bus.TOPIC_CONTROL,
+            bus.encode(Kind.PRESENCE_REQ, 1, "g", 1, 1, 1, "g", ["not a room name"], 10),
         ],
+        [bus.TOPIC_CONTROL, bus.encode(Kind.HEARTBEAT, 1, "g", 2, "pid?", 3, {})],
         [bus.TOPIC_ALL],  # one part
         [bus.TOPIC_ALL, b"", b""],  # three parts
         broadcast(1),
     )
-    assert cluster.counters["received"] == 8
-    assert cluster.counters["malformed"] == 7
+    assert cluster.counters["received"] == 9
+    assert cluster.counters["malformed"] == 8
     assert server.written == [b"\x81\x01x"]  # the good one after the garbage still arrives
     assert cluster.counters["gaps"] == 0
+    assert cluster.peers == {} or cluster.peers[1].clients == 0  # the bad heartbeat touched nothing
 
 
 def test_sequence_jump_is_counted_as_gap() -> None:
@@ -267,13 +273,13 @@ def test_sequence_jump_is_counted_as_gap() -> None:
     assert cluster.counters["gaps"] == 3
 
 
+def control(kind: Kind, seq: int, *fields: Any, origin: int = 1, gen: str = "p1") -> list[bytes]:
+    return [bus.TOPIC_CONTROL, bus.encode(kind, origin, gen, seq, *fields)]
+
+
 def test_sequence_is_per_topic() -> None:
     cluster, sub, _ = make_client()
-    directory = [
-        bus.TOPIC_DIRECTORY,
-        bus.encode(Kind.CONNECT, 1, "peer01", 1, "1-peer01-1", "/", 1.0),
-    ]
-    feed(cluster, sub, broadcast(1), directory, broadcast(2))
+    feed(cluster, sub, broadcast(1), control(Kind.HEARTBEAT, 1, 7, 1, {}), broadcast(2))
     assert cluster.counters["gaps"] == 0
     assert cluster.client_count() == 1
 
@@ -285,87 +291,264 @@ def test_own_messages_are_ignored() -> None:
     assert cluster.counters["received"] == 1
 
 
-def test_directory_events_and_dead_shard_purge() -> None:
-    cluster, sub, _ = make_client()
-
-    def directory(kind: Kind, seq: int, *fields: Any, origin: int = 1, gen: str = "p1") -> list:
-        return [bus.TOPIC_DIRECTORY, bus.encode(kind, origin, gen, seq, *fields)]
-
+def test_counts_are_the_sum_of_the_heartbeats() -> None:
+    cluster, sub, hub = make_client()
+    hub.clients["0-self00-1"] = object()
     feed(
         cluster,
         sub,
-        directory(Kind.HEARTBEAT, 1, 777, 0, {}),
-        directory(Kind.CONNECT, 2, "1-p1-1", "/", 1.0),
-        directory(Kind.CONNECT, 3, "1-p1-2", "/", 1.0),
-        directory(Kind.CONNECT, 1, "2-p2-1", "/", 1.0, origin=2, gen="p2"),
-        directory(Kind.DISCONNECT, 4, "1-p1-1"),
+        control(Kind.HEARTBEAT, 1, 777, 1500, {}),
+        control(Kind.HEARTBEAT, 1, 778, 2500, {}, origin=2, gen="p2"),
     )
-    assert sorted(cluster.directory) == ["1-p1-2", "2-p2-1"]
-    assert cluster.get_client("1-p1-2") is not None
-    assert cluster.get_client("1-p1-1") is None
-    # the broker announces that worker 1 (pid 777) died: its clients go
-    dead = [bus.TOPIC_DIRECTORY, bus.encode(Kind.DEAD, bus.BROKER_ORIGIN, "b", 1, 1, 777)]
-    feed(cluster, sub, dead)
-    assert sorted(cluster.directory) == ["2-p2-1"]
-    assert 1 not in cluster.peers
+    assert cluster.client_count() == 4001
+    assert cluster.health()["clients"] == 4001
+    assert {w["shard"]: w["clients"] for w in cluster.health()["workers"]} == {
+        0: 1,
+        1: 1500,
+        2: 2500,
+    }
+    # the next heartbeat replaces the figure, it does not add to it
+    feed(cluster, sub, control(Kind.HEARTBEAT, 2, 777, 10, {}))
+    assert cluster.client_count() == 2511
+
+
+def test_nothing_is_published_per_client_event() -> None:
+    cluster, _, _ = make_client()
+    published: list[Kind] = []
+    cluster._send = lambda topic, body: published.append(bus.decode(body)[0]) or True  # type: ignore[method-assign,func-returns-value]
+    for _ in range(100):
+        cluster.client_connected(object())
+        cluster.client_disconnected(object())
+    assert published == []
+    assert cluster.counters["sent"] == 0
+
+
+def test_a_dead_worker_is_announced_by_the_supervisor_not_guessed() -> None:
+    cluster, sub, _ = make_client()
+    feed(cluster, sub, control(Kind.HEARTBEAT, 1, 777, 40, {}))
+    # silent for longer than peer_timeout: marked late, still counted
+    cluster.peers[1].last_heartbeat -= cluster.peer_timeout + 1
+    cluster._checked_at -= 10  # our own loop stalled: no verdict until the bus is read
+    cluster._check_peers()
+    assert not cluster.peers[1].late
+    cluster._check_peers()
+    assert cluster.peers[1].late and cluster.client_count() == 40
+    assert cluster.health()["workers"][1]["late"] is True
+    assert cluster.counters["late_peers"] == 1
+    cluster._check_peers()
+    assert cluster.counters["late_peers"] == 1  # one mark per episode
+    feed(cluster, sub, control(Kind.HEARTBEAT, 2, 777, 40, {}))
+    assert not cluster.peers[1].late
+    # a DEAD for another pid (an older process of that shard) changes nothing
+    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 1, 1, 555)])
+    assert cluster.client_count() == 40
+    # the broker relays the supervisor's word: worker 1 (pid 777) died
+    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 2, 1, 777)])
+    assert 1 not in cluster.peers and cluster.client_count() == 0
     assert cluster.counters["malformed"] == 0
 
 
-def test_dead_shard_never_heard_of_is_purged() -> None:
-    """A worker that dies before its first heartbeat still has its clients purged."""
+def test_an_engine_without_a_supervisor_forgets_a_silent_peer() -> None:
     cluster, sub, _ = make_client()
-    connect = bus.encode(Kind.CONNECT, 1, "p1", 1, "1-p1-1", "/", 1.0)
-    dead = bus.encode(Kind.DEAD, bus.BROKER_ORIGIN, "b", 1, 1, 777)
-    feed(cluster, sub, [bus.TOPIC_DIRECTORY, connect], [bus.TOPIC_DIRECTORY, dead])
-    assert cluster.directory == {}
+    cluster.forget_after = 10.0
+    feed(cluster, sub, control(Kind.HEARTBEAT, 1, 777, 40, {}))
+    cluster.peers[1].last_heartbeat -= 6
+    cluster._check_peers()
+    assert cluster.peers[1].late
+    cluster.peers[1].last_heartbeat -= 5
+    cluster._check_peers()
+    assert cluster.peers == {} and cluster.client_count() == 0
 
 
-def test_new_generation_of_a_shard_purges_the_old_one() -> None:
+def test_a_new_generation_of_a_shard_replaces_the_old_one() -> None:
     cluster, sub, _ = make_client()
-    old = bus.encode(Kind.HEARTBEAT, 1, "old", 1, 5, 1, {})
-    connect = bus.encode(Kind.CONNECT, 1, "old", 2, "1-old-1", "/", 1.0)
-    hello = bus.encode(Kind.HELLO, 1, "new", 1)
-    feed(cluster, sub, [bus.TOPIC_DIRECTORY, old], [bus.TOPIC_DIRECTORY, connect])
-    assert cluster.client_count() == 1
-    feed(cluster, sub, [bus.TOPIC_DIRECTORY, hello])
+    feed(cluster, sub, control(Kind.HEARTBEAT, 1, 5, 30, {}, gen="old"))
+    assert cluster.client_count() == 30
+    feed(cluster, sub, control(Kind.HELLO, 1, gen="new"))
     assert cluster.client_count() == 0
     assert cluster.peers[1].generation == "new"
 
 
-def test_a_large_snapshot_goes_in_bounded_parts_and_arrives_whole(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """2,200 clients with 8 KiB paths (17 MiB, over MAX_BODY in one message): in parts."""
-    from types import SimpleNamespace
+def test_send_routes_by_the_id_alone() -> None:
+    cluster, sub, _ = make_client()
+    sent: list[tuple[bytes, list[Any]]] = []
 
-    sender, _, hub = make_client()
-    for index in range(2200):
-        request = SimpleNamespace(path="/" + "p" * 8191)
-        client_id = f"0-self00-{index:x}"
-        hub.clients[client_id] = SimpleNamespace(id=client_id, request=request, connected_at=1.0)
-    published: list[tuple[bytes, list[Any]]] = []
-
-    def publish(topic: bytes, kind: Kind, *fields: Any) -> bool:
-        published.append((topic, [int(kind), *fields]))
+    def capture(topic: bytes, body: bytes) -> bool:
+        kind, _, _, _, fields = bus.decode(body)
+        sent.append((topic, [kind, *fields]))
         return True
 
-    sender._publish = publish  # type: ignore[method-assign]
-    sender._send_snapshot(1)
-    bodies = [bus.encode(Kind(fields[0]), 0, "self00", seq, *fields[1:])
-              for seq, (_, fields) in enumerate(published, 1)]  # fmt: skip
-    assert len(bodies) >= 17 and all(len(body) < bus.MAX_BODY // 8 for body in bodies)
-    assert [fields[-1] for _, fields in published] == [False] * (len(published) - 1) + [True]
+    cluster._send = capture  # type: ignore[method-assign]
+    feed(cluster, sub, control(Kind.HEARTBEAT, 1, 5, 3, {}, origin=3, gen="g3"))
+    assert cluster.send_to("3-g3-1f", "hi") is True
+    assert sent == [(bus.shard_topic(3), [Kind.SEND, "3-g3-1f", b"\x81\x02hi"])]
+    proxy = cluster.get_client("3-g3-1f")
+    assert proxy is not None and proxy.shard == 3
+    proxy.close(4000, "bye")
+    assert sent[-1] == (bus.shard_topic(3), [Kind.CLOSE, "3-g3-1f", 4000, "bye"])
+    sent.clear()
+    # refused at once, nothing published: a past life of worker 3, one of our
+    # own past lives, a worker nobody has heard of (after the first heartbeats),
+    # and what is not an id at all
+    cluster._started_at -= 10
+    for gone in ("3-old-1", "0-older-1", "9-g9-1", "nonsense", ""):
+        assert cluster.send_to(gone, "x") is False, gone
+        assert cluster.get_client(gone) is None, gone
+        cluster.close_remote(gone, 1000, "")
+    assert sent == []
 
-    receiver, sub, _ = make_client()
-    receiver.shard = 1
-    feed(receiver, sub, *[[bus.shard_topic(1), body] for body in bodies])
-    assert receiver.client_count() == 2200
-    assert receiver.counters["malformed"] == 0
 
-    failing, _, failing_hub = make_client()
-    failing_hub.clients.update(hub.clients)
-    failing._publish = lambda *args: False  # type: ignore[assignment]
-    with caplog.at_level("WARNING", logger="enjent.cluster"):
-        failing._send_snapshot(1)
-    assert failing.counters["snapshot_failures"] == 1
-    assert "snapshot_failures" in caplog.text
+def test_the_owner_counts_what_it_cannot_deliver() -> None:
+    cluster, sub, hub = make_client()
+    hub.clients["0-self00-1"] = object()
+    feed(
+        cluster,
+        sub,
+        [bus.shard_topic(0), bus.encode(Kind.SEND, 1, "p1", 1, "0-self00-1", b"\x81\x00")],
+        [bus.shard_topic(0), bus.encode(Kind.SEND, 1, "p1", 2, "0-self00-2", b"\x81\x00")],
+        [bus.shard_topic(0), bus.encode(Kind.CLOSE, 1, "p1", 3, "0-self00-3", 1000, "")],
+    )
+    assert hub.written == [b"\x81\x00"]
+    assert cluster.counters["undeliverable"] == 2
+
+
+# ------------------------------------------------------- presence queries
+
+
+class MemoryBus:
+    """Engines joined in memory: prefix subscriptions, delivery on a later tick."""
+
+    def __init__(self) -> None:
+        self.engines: list[MemoryEngine] = []
+        self.stopped: set[int] = set()
+        self.bodies: list[int] = []
+
+    def deliver(self, topic: bytes, body: bytes) -> None:
+        self.bodies.append(len(body))
+        loop = asyncio.get_running_loop()
+        for engine in self.engines:
+            if engine.shard in self.stopped:
+                continue
+            if any(topic.startswith(prefix) for prefix in engine.subscriptions):
+                loop.call_soon(engine.receive, topic, body)
+
+
+class MemoryEngine(BusEngine):
+    def __init__(self, memory: MemoryBus, hub: FakeHub, shard: int) -> None:
+        hub.ids = ClientIds(shard)
+        super().__init__(hub, shard=shard)  # type: ignore[arg-type]
+        self.memory = memory
+        self.subscriptions = set(self.topics)
+        memory.engines.append(self)
+
+    def _send(self, topic: bytes, body: bytes) -> bool:
+        self.memory.deliver(topic, body)
+        return True
+
+    def _subscribe(self, topic: bytes) -> None:
+        self.subscriptions.add(topic)
+
+    def _unsubscribe(self, topic: bytes) -> None:
+        self.subscriptions.discard(topic)
+
+
+class Row:
+    """A client as presence sees it (hashable, as room members are)."""
+
+    def __init__(self, client_id: str, path: str) -> None:
+        from types import SimpleNamespace
+
+        self.id, self.request, self.connected_at = client_id, SimpleNamespace(path=path), 1.5
+
+
+def _cluster_of(sizes: list[int], path: str = "/") -> tuple[MemoryBus, list[MemoryEngine]]:
+    memory = MemoryBus()
+    engines = []
+    for shard, size in enumerate(sizes):
+        hub = FakeHub()
+        engine = MemoryEngine(memory, hub, shard)
+        for index in range(size):
+            client_id = f"{shard}-{engine.generation}-{index:x}"
+            client = Row(client_id, path)
+            hub.clients[client_id] = client
+            if index % 3 == 0:
+                hub.rooms.setdefault("thirds", set()).add(client)
+        engines.append(engine)
+    for engine in engines:  # everyone has heard everyone's heartbeat
+        for other in engines:
+            if other is not engine:
+                engine._peer(other.shard, other.generation).clients = other.hub.count
+    return memory, engines
+
+
+def test_presence_asks_every_worker_and_merges_the_answers() -> None:
+    async def run() -> None:
+        memory, engines = _cluster_of([5, 7, 11])
+        presence = await engines[0].fetch_clients(None, 1000, 1.0)
+        assert not presence.partial and not presence.truncated
+        assert presence.total == 23 and len(presence) == 23
+        assert presence.workers == [0, 1, 2] and presence.missing_workers == []
+        assert sorted(info.id for info in presence) == sorted(
+            client_id for engine in engines for client_id in engine.hub.clients
+        )
+        assert {info.shard for info in presence if info.id.startswith("2-")} == {2}
+        assert all(info.path == "/" and info.connected_at == 1.5 for info in presence)
+        # one room, a limit: the total still counts every match
+        room = await engines[1].fetch_clients("thirds", 4, 1.0)
+        assert room.total == 2 + 3 + 4 and len(room) == 4 and room.truncated
+        count = await engines[2].fetch_clients("thirds", 0, 1.0)
+        assert count.total == 9 and count.clients == []
+
+    asyncio.run(run())
+
+
+def test_presence_is_partial_and_says_who_did_not_answer() -> None:
+    async def run() -> None:
+        memory, engines = _cluster_of([5, 7, 11])
+        memory.stopped.add(2)  # stopped (SIGSTOP): it neither hears nor answers
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        presence = await engines[0].fetch_clients(None, 1000, 0.3)
+        assert 0.25 < loop.time() - started < 2.0
+        assert presence.partial and presence.missing_workers == [2]
+        assert presence.workers == [0, 1] and presence.total == 12
+        # a late answer to a query that timed out is dropped, not merged anywhere
+        memory.stopped.clear()
+        engines[2]._answer_presence([1, 0, engines[0].generation, None, 10])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert engines[0].counters["malformed"] == 0 and engines[0]._queries == {}
+
+    asyncio.run(run())
+
+
+def test_a_large_presence_answer_goes_in_bounded_parts() -> None:
+    """3 x 2,200 clients with 4 KiB paths (27 MiB of rows): parts far under MAX_BODY."""
+
+    async def run() -> None:
+        memory, engines = _cluster_of([2200, 2200, 2200], path="/" + "p" * 4095)
+        presence = await engines[0].fetch_clients(None, 100_000, 5.0)
+        assert presence.total == 6600 and len(presence) == 6600 and not presence.partial
+        assert max(memory.bodies) < bus.PART_BYTES + 64 * 1024
+        assert len(memory.bodies) >= 2 * 9
+
+    asyncio.run(run())
+
+
+def test_presence_queries_are_checked() -> None:
+    from enjent import WebSocketServer
+
+    async def run() -> None:
+        server = WebSocketServer()
+        presence = await server.fetch_clients()
+        assert presence.total == 0 and presence.workers == [0] and not presence.partial
+        with pytest.raises(ValueError, match="limit"):
+            await server.fetch_clients(limit=-1)
+        with pytest.raises(ValueError, match="limit"):
+            await server.fetch_clients(limit=10**9)
+        with pytest.raises(ValueError, match="timeout"):
+            await server.fetch_clients(timeout=0)
+        count = await server.room("lobby").count()
+        assert count.total == 0
+
+    asyncio.run(run())

@@ -1,4 +1,4 @@
-"""One logical server over two workers: broadcasts, rooms, sends, the directory.
+"""One logical server over two workers: broadcasts, rooms, sends, counts, presence.
 
 The app is tests/cluster_app.py, run by the supervisor (``python -m
 enjent_supervisor run tests.cluster_app:server --workers 2``). The room
@@ -69,9 +69,11 @@ def test_one_logical_server_with_200_clients(cluster: Cluster) -> None:
             assert by_shard[0] and by_shard[1], "the kernel put every client on one worker"
             assert len(by_shard[0]) + len(by_shard[1]) == CLIENTS
 
-            # the directory is cluster-wide: count, clients, health
+            # counts are cluster-wide (from heartbeats), presence asks both workers
             await _settle_count(clients, CLIENTS)
-            assert await by_shard[0][0].request("clients") == str(CLIENTS)
+            assert await by_shard[0][0].request("local") == str(len(by_shard[0]))
+            answer = await by_shard[1][0].request("presence")
+            assert answer == f"{CLIENTS} {CLIENTS} 0,1 -", answer
             data = healthz(port)
             assert data["clients"] == CLIENTS
             assert {w["shard"]: w["clients"] for w in data["workers"]} == {
@@ -96,6 +98,8 @@ def test_one_logical_server_with_200_clients(cluster: Cluster) -> None:
                 assert await member.request("join:blue") == "joined"
             # joining also subscribes the worker: wait until a room message crosses
             await asyncio.sleep(0.3)
+            answer = await by_shard[1][-1].request("presence:blue")
+            assert answer == f"{len(members)} {len(members)} 0,1 -", answer
             sender = by_shard[1][-1]  # not a member
             await sender.ws.send("room:blue:sky")
             for member in members:
@@ -103,7 +107,7 @@ def test_one_logical_server_with_200_clients(cluster: Cluster) -> None:
             await asyncio.sleep(0.5)
             assert [c.id for c in clients if c.pending()] == []
 
-            # send(client_id) crosses workers, both ways; get_client sees them
+            # send(client_id) crosses workers, both ways, routed by the id alone
             for source, target in (
                 (by_shard[0][1], by_shard[1][1]),
                 (by_shard[1][2], by_shard[0][2]),
@@ -116,12 +120,19 @@ def test_one_logical_server_with_200_clients(cluster: Cluster) -> None:
             await asyncio.sleep(0.3)
             assert [c.id for c in clients if c.pending()] == []
 
-            # disconnects reach the directory of the other worker
+            # disconnects reach the counts of the other worker by heartbeat; a
+            # send to a client gone from a live worker is handed over (True)
+            # and counted by its owner as undeliverable
             leaving = by_shard[0][-10:] + by_shard[1][-10:]
             await close_all(leaving)
             staying = [c for c in clients if c not in leaving]
             await _settle_count(staying, CLIENTS - 20)
-            assert await staying[0].request(f"get:{leaving[0].id}") == "False"
+            answer = await staying[0].request("presence")
+            assert answer == f"{CLIENTS - 20} {CLIENTS - 20} 0,1 -", answer
+            gone = by_shard[1][-1]
+            before = healthz_of(port, 1)["bus"]["undeliverable"]
+            assert await by_shard[0][0].request(f"send:{gone.id}:late") == "sent:True"
+            await poll(lambda: healthz_of(port, 1)["bus"]["undeliverable"] == before + 1, 3.0)
 
             # nothing was lost or malformed on the bus
             for shard in (0, 1):
@@ -152,8 +163,8 @@ def test_room_traffic_skips_shards_without_members(cluster: Cluster) -> None:
                 assert await member.next() == f"m{i}"
             after = healthz_of(port, 1)["bus"]["received"]
             elapsed = time.monotonic() - started
-            # heartbeats (one a second per worker) and the directory events of
-            # the healthz connections only: nothing like one per room message
+            # heartbeats (one a second per worker) only: nothing like one per
+            # room message
             assert after - before < 20 + 10 * elapsed, (before, after, elapsed)
             assert other.pending() == []
         finally:
@@ -206,10 +217,12 @@ def test_worker_sigkill_restarts_and_purges(cluster: Cluster) -> None:
             await _settle_count(survivors, len(survivors))
             newcomer = await open_client_on(port, 1)
             survivors_and_new = [*survivors, newcomer]
-            # the restarted worker asked for a snapshot: it knows the survivors
+            # the restarted worker knows the survivors by heartbeat; the dead
+            # generation's ids are refused at once
             await _settle_count([newcomer, survivors[0]], len(survivors_and_new))
             assert await newcomer.request(f"get:{survivors[0].id}") == "True"
             assert await newcomer.request(f"get:{victims[0].id}") == "False"
+            assert await survivors[0].request(f"send:{victims[0].id}:x") == "sent:False"
 
             # broadcasts still reach everyone, once, from either worker
             for sender in (survivors[0], newcomer):

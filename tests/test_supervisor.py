@@ -420,8 +420,15 @@ def test_echo_example_with_two_workers_broadcasts_everywhere() -> None:
             try:
                 await sockets[0].send("just echo")
                 assert await asyncio.wait_for(sockets[0].recv(), 5) == "just echo"
-                per_worker = [w["clients"] for w in healthz(port)["workers"]]
+                # the other worker's count comes with its next heartbeat (about 1 s)
+                deadline = time.monotonic() + 3.0
+                while True:
+                    per_worker = [w["clients"] for w in healthz(port)["workers"]]
+                    if sum(per_worker) == 30 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
                 assert len(per_worker) == 2 and all(per_worker), per_worker
+                assert sum(per_worker) == 30, per_worker
                 await sockets[-1].send("broadcast:to everyone")
                 for ws in sockets:
                     assert await asyncio.wait_for(ws.recv(), 5) == "to everyone"

@@ -9,9 +9,9 @@ Topics (short byte prefixes, so ZeroMQ filters upstream):
 
 =====================  ==================================================
 ``A``                  all workers: global broadcasts
-``D``                  all workers: directory events and heartbeats
-``S<shard>.``          one worker: sends to one of its clients, snapshots
-``R<room>\\x00``        the workers with members in ``room``
+``C``                  all workers: control (heartbeats, presence queries)
+``S<shard>.``          one worker: sends to one of its clients, answers
+``R<digest>``          the workers with members in a room
 =====================  ==================================================
 
 Body: ``msgpack([kind, origin, generation, seq, *fields])`` where ``origin``
@@ -20,27 +20,31 @@ string per process start, and ``seq`` increases by one per message the
 publisher sends *on that topic*: a receiver that sees seq jump on a topic
 counts a gap (a message lost, e.g. to a high-water mark), never silently.
 
+Nothing is published when a client connects or disconnects: a client id
+names its owner, counts travel in heartbeats and presence is a query, so
+the bus traffic of a client event does not grow with the number of workers.
+
 Kinds and their fields:
 
-=================  =============================================================
-``BROADCAST``      ``frame, exclude_id|None``: write ``frame`` to every client
-``ROOM``           ``names, frame, exclude_id|None, message_id``: write once to
-                   each member of any of ``names`` (published on each room's
-                   topic; ``message_id`` de-duplicates the copies)
-``SEND``           ``client_id, frame``: write to one client
-``CLOSE``          ``client_id, code, reason``: close one client
-``CONNECT``        ``client_id, path, connected_at``: directory add
-``DISCONNECT``     ``client_id``: directory remove
-``HEARTBEAT``      ``pid, client_count, stats``: once a second per worker
-``HELLO``          (none): a worker (re)started with a new generation
-``SNAPSHOT_REQ``   ``reply_shard``: send me your clients (on ``S<shard>.``)
-``SNAPSHOT``       ``[[client_id, path, connected_at], ...], part, last``: a
-                   worker's clients, in parts of at most
-                   :data:`SNAPSHOT_PART_BYTES` (part 0 replaces what the
-                   receiver knew; ``last`` is true on the final part)
-``DEAD``           ``shard, pid``: from the broker, for the supervisor: the
-                   worker process died; purge its clients
-=================  =============================================================
+==================  ============================================================
+``BROADCAST``       ``frame, exclude_id|None``: write ``frame`` to every client
+``ROOM``            ``names, frame, exclude_id|None, message_id``: write once to
+                    each member of any of ``names`` (published on each room's
+                    topic; ``message_id`` de-duplicates the copies)
+``SEND``            ``client_id, frame``: write to one client
+``CLOSE``           ``client_id, code, reason``: close one client
+``HEARTBEAT``       ``pid, client_count, stats``: once a second per worker
+``HELLO``           (none): a worker (re)started with a new generation
+``DEAD``            ``shard, pid``: from the broker, for the supervisor: the
+                    worker process died (its count is dropped)
+``PRESENCE_REQ``    ``query_id, reply_shard, reply_generation, room|None,
+                    limit``: send me your clients (of ``room``), at most ``limit``
+``PRESENCE``        ``query_id, reply_generation, rows, total, last``: one part of
+                    an answer, on the asker's ``S<shard>.``: rows
+                    ``[client_id, path, connected_at]`` of at most
+                    :data:`PART_BYTES`; ``total`` (on the last part) counts
+                    every match, rows or not
+==================  ============================================================
 
 Only msgpack crosses the bus (never pickle), unpacked with size limits:
 a body over :data:`MAX_BODY` bytes, or one that is not a list of the right
@@ -59,8 +63,9 @@ from ..exceptions import BusError
 
 __all__ = [
     "MAX_BODY",
+    "PART_BYTES",
     "TOPIC_ALL",
-    "TOPIC_DIRECTORY",
+    "TOPIC_CONTROL",
     "Kind",
     "decode",
     "encode",
@@ -70,11 +75,11 @@ __all__ = [
 
 #: The largest envelope body accepted (a frame of 16 MiB plus headroom).
 MAX_BODY = 17 * 1024 * 1024
-#: The most bytes of client rows in one SNAPSHOT part (far under MAX_BODY).
-SNAPSHOT_PART_BYTES = 1024 * 1024
+#: The most bytes of client rows in one PRESENCE part (far under MAX_BODY).
+PART_BYTES = 1024 * 1024
 
 TOPIC_ALL = b"A"
-TOPIC_DIRECTORY = b"D"
+TOPIC_CONTROL = b"C"
 
 #: Shard of messages the broker publishes on the supervisor's behalf.
 BROKER_ORIGIN = -1
@@ -87,13 +92,13 @@ class Kind(enum.IntEnum):
     ROOM = 2
     SEND = 3
     CLOSE = 4
-    CONNECT = 10
-    DISCONNECT = 11
+    # 10, 11, 14 and 15 were the directory's (CONNECT, DISCONNECT, SNAPSHOT_REQ,
+    # SNAPSHOT): never reused, so that an old worker's envelope is refused
     HEARTBEAT = 12
     HELLO = 13
-    SNAPSHOT_REQ = 14
-    SNAPSHOT = 15
     DEAD = 16
+    PRESENCE_REQ = 17
+    PRESENCE = 18
 
 
 #: The number of fields after the header, per kind (shape check on decode).
@@ -102,13 +107,11 @@ _FIELD_COUNTS = {
     Kind.ROOM: 4,
     Kind.SEND: 2,
     Kind.CLOSE: 3,
-    Kind.CONNECT: 3,
-    Kind.DISCONNECT: 1,
     Kind.HEARTBEAT: 3,
     Kind.HELLO: 0,
-    Kind.SNAPSHOT_REQ: 1,
-    Kind.SNAPSHOT: 3,
     Kind.DEAD: 2,
+    Kind.PRESENCE_REQ: 5,
+    Kind.PRESENCE: 5,
 }
 
 

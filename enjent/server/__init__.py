@@ -11,6 +11,7 @@ the modules of this package each hold one part:
 - :mod:`~enjent.server.hub`: the clients, rooms and local delivery;
 - :mod:`~enjent.server.ids`: client ids;
 - :mod:`~enjent.server.peers`: the cluster seam (and its no-op engine);
+- :mod:`~enjent.server.presence`: who is connected, on demand;
 - :mod:`~enjent.server.connection`: one connection, and the state it sees;
 - :mod:`~enjent.server.keepalive`: the sweep;
 - :mod:`~enjent.server.running`: ``run()``'s loop, signals and logging;
@@ -26,6 +27,7 @@ from .hub import Hub
 from .options import HandshakeOptions, Limits, ServerOptions, Timeouts
 from .peers import LocalPeers, Peers
 from .policy import Accept, HandshakeHook, Response
+from .presence import ClientInfo, Presence
 from .rooms import Room, RoomUnion
 from .running import (
     AppServesOnImport,
@@ -37,12 +39,14 @@ from .running import (
 __all__ = [
     "Accept",
     "AppServesOnImport",
+    "ClientInfo",
     "HandshakeHook",
     "HandshakeOptions",
     "Hub",
     "Limits",
     "LocalPeers",
     "Peers",
+    "Presence",
     "Response",
     "Room",
     "RoomUnion",

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import logging
 import ssl as ssl_module
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -28,8 +29,9 @@ from .hub import Hub, TrustedProxies
 from .keepalive import sweep_forever
 from .metrics import COUNTERS
 from .options import OptionAttributes, ServerOptions
-from .peers import Peers
+from .peers import LocalPeers, Peers
 from .policy import HandshakePolicy
+from .presence import Presence, check_query
 from .rooms import Room
 from .running import (
     capacity,
@@ -112,6 +114,7 @@ class WebSocketServer(OptionAttributes):
         self._listener: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
+        self._warned_clients = False
 
     # ------------------------------------------------------------ options
 
@@ -194,9 +197,14 @@ class WebSocketServer(OptionAttributes):
         self.hub.peers = peers
 
     @property
-    def clients(self) -> list[Any]:
-        """Every client (on a cluster: proxies for the other workers' clients)."""
-        return [*self.hub.clients.values(), *self.hub.peers.remote_clients()]
+    def clients(self) -> list[WebSocketClient]:
+        """This process's clients; on a cluster it warns once: use :meth:`fetch_clients`."""
+        if not self._warned_clients and not isinstance(self.hub.peers, LocalPeers):
+            self._warned_clients = True
+            message = "server.clients lists this worker's clients only on a cluster: use "
+            message += "'await server.fetch_clients()', or server.local_clients"
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return list(self.hub.clients.values())
 
     @property
     def local_clients(self) -> list[WebSocketClient]:
@@ -214,8 +222,22 @@ class WebSocketServer(OptionAttributes):
         return self.hub.peers.client_count()
 
     def get_client(self, client_id: str) -> Any:
-        """The client with this id (a proxy if on another worker), or ``None``."""
+        """The client with this id, or ``None``; for another worker's client a proxy
+        (``send``, ``close``) built from the id: no proof that it is still connected.
+        """
         return self.hub.find(client_id)
+
+    async def fetch_clients(
+        self, *, room: str | None = None, limit: int = 1000, timeout: float = 1.0
+    ) -> Presence:
+        """Ask every worker which clients it holds (of ``room``, or all): a
+        :class:`~enjent.server.presence.Presence` of at most ``limit`` rows (0: the count
+        alone), the ``total``, and the workers that did not answer within ``timeout``.
+        """
+        check_query(limit, timeout)
+        if room is not None:
+            self.hub.check_room_name(room)
+        return await self.hub.peers.fetch_clients(room, limit, timeout)
 
     def send(self, client_id: str, data: str | bytes) -> bool:
         """Send to the client ``client_id`` wherever it is connected.

@@ -62,12 +62,15 @@ _SERVER_COUNTERS: tuple[tuple[str, str, str, str], ...] = (
 #: bus counter -> help; metric ``enjent_bus_<name>_total``.
 _BUS_COUNTERS: tuple[tuple[str, str], ...] = (
     ("sent", "bus messages published"),
+    ("heartbeats", "heartbeats published (one a second; part of sent)"),
     ("received", "bus messages received"),
     ("dropped", "bus messages dropped at a high-water mark"),
     ("rate_limited", "bus messages dropped over the publish rate limit"),
     ("gaps", "bus messages lost (sequence gaps seen by receivers)"),
     ("malformed", "malformed bus messages ignored"),
-    ("snapshot_failures", "parts of a directory snapshot that could not be published"),
+    ("undeliverable", "sends and closes for clients no longer connected to the owner"),
+    ("late_peers", "times another worker's heartbeat was late (a mark, not a death)"),
+    ("presence_failures", "parts of a presence answer that could not be published"),
 )
 
 

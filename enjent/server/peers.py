@@ -2,7 +2,10 @@
 
 Server layer (layer 2 of docs/architecture.md). :class:`Peers` is the one
 interface between a server and a cluster engine: client and room events,
-publishing to all / to rooms / to one client, counts, health and metrics.
+publishing to all / to rooms / to one client, counts, presence, health and
+metrics. No engine keeps per-client state for another worker's clients:
+a client id names its owner, counts come from heartbeats and presence is
+a query.
 :class:`LocalPeers` is the engine of a single process (there are no
 peers); the ZeroMQ engine (:mod:`enjent.cluster`) implements the same
 interface, and nothing above the seam knows which one runs.
@@ -14,6 +17,7 @@ import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .metrics import WorkerSample
+from .presence import Presence, local_rows
 
 if TYPE_CHECKING:
     from .client import WebSocketClient
@@ -44,7 +48,7 @@ class Peers(Protocol):
         """Deliver ``frame`` once to each member of any of ``names`` on other workers."""
 
     def send_to(self, client_id: str, data: str | bytes) -> bool:
-        """Send to a client of another worker; ``False`` if it is known to be gone."""
+        """Hand ``data`` to the owner of ``client_id``; ``False`` if it is known to be gone."""
         ...
 
     def close_remote(self, client_id: str, code: int, reason: str) -> None:
@@ -53,12 +57,12 @@ class Peers(Protocol):
     def get_client(self, client_id: str) -> Any | None:
         """A proxy for another worker's client (``send``, ``close``), or ``None``."""
 
-    def remote_clients(self) -> list[Any]:
-        """Proxies for the clients of the other workers."""
+    def client_count(self) -> int:
+        """Clients of the whole cluster, this worker's included (from heartbeats)."""
         ...
 
-    def client_count(self) -> int:
-        """Clients of the whole cluster, this worker's included."""
+    async def fetch_clients(self, room: str | None, limit: int, timeout: float) -> Presence:
+        """Ask every worker for its clients (of ``room``); what answered within ``timeout``."""
         ...
 
     def health(self) -> dict[str, Any]:
@@ -105,11 +109,15 @@ class LocalPeers:
     def get_client(self, client_id: str) -> Any | None:
         return None
 
-    def remote_clients(self) -> list[Any]:
-        return []
-
     def client_count(self) -> int:
         return self.hub.count
+
+    async def fetch_clients(self, room: str | None, limit: int, timeout: float) -> Presence:
+        shard = self.hub.ids.shard
+        presence = Presence(workers=[shard])
+        rows, total = local_rows(self.hub, room, limit)
+        presence.add(shard, rows, total, limit)
+        return presence
 
     def health(self) -> dict[str, Any]:
         hub = self.hub

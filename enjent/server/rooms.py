@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .presence import Presence, check_query
+
 if TYPE_CHECKING:
     from .client import WebSocketClient
     from .hub import Hub
@@ -21,7 +23,8 @@ class Room:
     """The clients that joined ``name``; get one with ``server.room(name)``.
 
     On a cluster, ``broadcast`` reaches the members on every worker, while
-    ``len``, ``in`` and iteration see this worker's members only.
+    ``len``, ``in`` and iteration see this worker's members only; ``await
+    room.count()`` and ``await room.fetch_clients()`` ask every worker.
     """
 
     __slots__ = ("hub", "name")
@@ -37,6 +40,15 @@ class Room:
     def broadcast(self, data: str | bytes, *, exclude: WebSocketClient | None = None) -> int:
         """Send ``data`` to every member (encoded once); return local writes."""
         return self.hub.broadcast_rooms([self.name], data, exclude)
+
+    async def count(self, *, timeout: float = 1.0) -> Presence:
+        """The members of every worker, counted: ``.total``, and ``.partial`` if one was late."""
+        return await self.fetch_clients(limit=0, timeout=timeout)
+
+    async def fetch_clients(self, *, limit: int = 1000, timeout: float = 1.0) -> Presence:
+        """The members of every worker (at most ``limit``): see ``server.fetch_clients``."""
+        check_query(limit, timeout)
+        return await self.hub.peers.fetch_clients(self.name, limit, timeout)
 
     def __len__(self) -> int:
         return len(self.members())

@@ -1,0 +1,596 @@
+"""What every bus engine does, whatever carries its bytes.
+
+Cluster layer (layer 3 of docs/architecture.md). :class:`BusEngine` is the
+:class:`~enjent.server.peers.Peers` of one worker: it publishes this
+worker's cross-shard messages, delivers what the other workers publish,
+keeps one small record per other *worker* (never per client), counts what
+is lost, and answers presence queries. A transport (ZeroMQ in
+:mod:`~enjent.cluster.zeromq`) subclasses it and provides three things:
+:meth:`BusEngine._send` (one envelope out, never blocking),
+:meth:`BusEngine._subscribe` / :meth:`BusEngine._unsubscribe` (interest in
+a topic), and calls :meth:`BusEngine.receive` for each envelope in.
+
+Semantics that do not depend on the transport:
+
+- a client id names its owner (``<shard>-<generation>-<serial>``):
+  ``send(client_id)`` is handed to the owner's topic, ``True`` if
+  published; the owner counts what arrives for a client already gone
+  (``undeliverable``); an id whose worker is known to have restarted or
+  died is refused at once (``False``);
+- counts are sums of the counts in the heartbeats (one a second per worker),
+  so they are eventually consistent within two heartbeat intervals;
+- a worker whose heartbeat is late is marked ``late`` in ``/healthz``,
+  nothing more: its death is decided by the supervisor that watches it
+  (a ``DEAD`` envelope), or by a restart (a new generation, ``HELLO``).
+  An engine without such a supervisor (``forget_after``) drops a peer
+  silent that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import BusError
+from ..frames import CloseCode
+from ..protocol import OutgoingMessage
+from ..server.connection import DELIVERY_BUDGET
+from ..server.ids import ClientIds
+from ..server.metrics import WorkerSample
+from ..server.presence import MAX_PRESENCE_LIMIT, Presence, local_rows
+from . import bus
+from .bus import Kind
+
+if TYPE_CHECKING:
+    from ..server.hub import Hub
+
+__all__ = ["BusEngine", "Peer", "RemoteClient"]
+
+logger = logging.getLogger("enjent.cluster")
+
+_DEDUP_WINDOW = 1024
+#: The most presence queries one worker may have in flight.
+MAX_QUERIES = 64
+COUNTER_NAMES = (
+    "sent",
+    "heartbeats",
+    "received",
+    "dropped",
+    "malformed",
+    "gaps",
+    "rate_limited",
+    "undeliverable",
+    "late_peers",
+    "presence_failures",
+)
+
+
+class RemoteClient:
+    """A client of another worker, known by its id: ``send`` and ``close`` cross the bus.
+
+    Built from the id alone (no worker keeps the others' clients), so it does
+    not prove that the client is still connected: a send to a client that
+    left is counted by its owner as ``undeliverable``.
+    """
+
+    __slots__ = ("_engine", "id", "shard")
+
+    def __init__(self, engine: BusEngine, client_id: str, shard: int) -> None:
+        self._engine = engine
+        self.id = client_id
+        self.shard = shard
+
+    def send(self, data: str | bytes) -> bool:
+        """Hand a message to the owner; ``False`` if the owner is known to be gone."""
+        return self._engine.send_to(self.id, data)
+
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Ask the owning worker to close this client."""
+        self._engine.close_remote(self.id, code, reason)
+
+    def __repr__(self) -> str:
+        return f"<RemoteClient {self.id} on worker {self.shard}>"
+
+
+@dataclass
+class Peer:
+    """What this worker knows of another worker: its last heartbeat, nothing per client."""
+
+    generation: str
+    pid: int = 0
+    clients: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    last_heartbeat: float = 0.0
+    late: bool = False
+
+
+@dataclass
+class _Query:
+    presence: Presence
+    limit: int
+    waiting: set[int]
+    done: asyncio.Future[None]
+
+
+class BusEngine:
+    """The transport-independent half of a worker's bus client (see the module docstring)."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        shard: int,
+        max_publish_rate: float = 200_000.0,
+        heartbeat_interval: float = 1.0,
+        peer_timeout: float = 5.0,
+        forget_after: float | None = None,
+    ) -> None:
+        self.hub = hub
+        self.shard = shard
+        self.generation = hub.ids.generation
+        self.max_publish_rate = max_publish_rate
+        self.heartbeat_interval = heartbeat_interval
+        self.peer_timeout = peer_timeout
+        self.forget_after = forget_after
+        self.peers: dict[int, Peer] = {}
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._seq: dict[bytes, int] = {}
+        self._last_seq: dict[bytes, dict[tuple[int, str], int]] = {}
+        self._room_message_id = 0
+        self._recent_room_messages: collections.deque[tuple[int, str, int]] = collections.deque()
+        self._recent_room_set: set[tuple[int, str, int]] = set()
+        self._queries: dict[int, _Query] = {}
+        self._query_id = 0
+        self._tokens = max_publish_rate
+        self._tokens_at = time.monotonic()
+        self._started_at = time.monotonic()
+        self._checked_at = time.monotonic()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._last_rate_warning = -10.0
+        self._last_malformed_warning = -10.0
+        #: when our own heartbeat last came back through the bus
+        self._own_heartbeat_at = time.monotonic()
+
+    # ------------------------------------------------------ the transport
+
+    def _send(self, topic: bytes, body: bytes) -> bool:
+        """Put one envelope on the bus without blocking; ``False`` if it was dropped."""
+        raise NotImplementedError
+
+    def _subscribe(self, topic: bytes) -> None:
+        raise NotImplementedError
+
+    def _unsubscribe(self, topic: bytes) -> None:
+        raise NotImplementedError
+
+    def _start_heartbeats(self) -> None:
+        """Start announcing this worker (a transport calls it once its sockets are up)."""
+        self._started_at = time.monotonic()
+        self._own_heartbeat_at = self._started_at
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat_forever())
+
+    async def _stop_heartbeats(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        for query in self._queries.values():
+            if not query.done.done():
+                query.done.set_result(None)
+
+    @property
+    def topics(self) -> tuple[bytes, ...]:
+        """The topics every worker listens to from the start."""
+        return (bus.TOPIC_ALL, bus.TOPIC_CONTROL, bus.shard_topic(self.shard))
+
+    # ------------------------------------------------------------ publish
+
+    def _publish(self, topic: bytes, kind: Kind, *fields: Any) -> bool:
+        now = time.monotonic()
+        rate = self.max_publish_rate
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self.counters["rate_limited"] += 1
+            if now - self._last_rate_warning > 5.0:
+                self._last_rate_warning = now
+                logger.warning(
+                    "bus publish rate over %d/s: messages dropped (counted as rate_limited)",
+                    int(rate),
+                )
+            return False
+        self._tokens -= 1.0
+        seq = self._seq.get(topic, 0) + 1
+        if len(self._seq) > 10_000 and topic not in self._seq:
+            # bound memory: receivers see the restart as a reset, not a gap
+            self._seq = {key: value for key, value in self._seq.items() if key[:1] != b"R"}
+        self._seq[topic] = seq
+        body = bus.encode(kind, self.shard, self.generation, seq, *fields)
+        if not self._send(topic, body):
+            self.counters["dropped"] += 1
+            return False
+        self.counters["sent"] += 1
+        return True
+
+    def publish_broadcast(self, frame: bytes, exclude_id: str | None) -> None:
+        self._publish(bus.TOPIC_ALL, Kind.BROADCAST, frame, exclude_id)
+
+    def publish_room(self, names: list[str], frame: bytes, exclude_id: str | None) -> None:
+        self._room_message_id += 1
+        for name in names:
+            self._publish(
+                bus.room_topic(name), Kind.ROOM, names, frame, exclude_id, self._room_message_id
+            )
+
+    def _owner(self, client_id: str) -> int | None:
+        """The shard of another worker that may hold ``client_id``; ``None`` if known gone."""
+        parsed = ClientIds.parse(client_id)
+        if parsed is None or parsed.shard == self.shard:
+            return None  # ours are in the hub; one of our past lives is gone
+        peer = self.peers.get(parsed.shard)
+        if peer is None:
+            # unknown worker: every live worker is heard within a heartbeat or two
+            if time.monotonic() - self._started_at > 2.5 * self.heartbeat_interval:
+                return None
+            return parsed.shard
+        return parsed.shard if peer.generation == parsed.generation else None
+
+    def send_to(self, client_id: str, data: str | bytes) -> bool:
+        """Hand ``data`` to the owner of ``client_id``; ``False`` if the owner is known gone."""
+        shard = self._owner(client_id)
+        if shard is None:
+            return False
+        frame = OutgoingMessage.of(data).frame
+        return self._publish(bus.shard_topic(shard), Kind.SEND, client_id, frame)
+
+    def close_remote(self, client_id: str, code: int, reason: str) -> None:
+        shard = self._owner(client_id)
+        if shard is not None:
+            self._publish(bus.shard_topic(shard), Kind.CLOSE, client_id, int(code), reason)
+
+    def get_client(self, client_id: str) -> RemoteClient | None:
+        shard = self._owner(client_id)
+        return None if shard is None else RemoteClient(self, client_id, shard)
+
+    # -------------------------------------------------- events from server
+
+    def client_connected(self, client: Any) -> None:
+        """Nothing is published: the heartbeat carries the count."""
+
+    def client_disconnected(self, client: Any) -> None:
+        """Nothing is published: the heartbeat carries the count."""
+
+    def room_created(self, name: str) -> None:
+        """The first local member joined: subscribe to the room's topic."""
+        topic = bus.room_topic(name)
+        self._last_seq.pop(topic, None)
+        self._subscribe(topic)
+
+    def room_deleted(self, name: str) -> None:
+        """The last local member left: unsubscribe, so its traffic stops here."""
+        topic = bus.room_topic(name)
+        self._last_seq.pop(topic, None)
+        self._unsubscribe(topic)
+
+    # ------------------------------------------------- counts and presence
+
+    def client_count(self) -> int:
+        """This worker's clients now, plus each peer's from its last heartbeat."""
+        return self.hub.count + sum(peer.clients for peer in self.peers.values())
+
+    async def fetch_clients(self, room: str | None, limit: int, timeout: float) -> Presence:
+        """Ask every known worker; return what answered within ``timeout``."""
+        presence = Presence(workers=[self.shard])
+        rows, total = local_rows(self.hub, room, limit)
+        presence.add(self.shard, rows, total, limit)
+        if not self.peers:
+            return presence
+        if len(self._queries) >= MAX_QUERIES:
+            raise BusError(f"over {MAX_QUERIES} presence queries in flight: wait for one")
+        self._query_id += 1
+        query_id = self._query_id
+        loop = asyncio.get_running_loop()
+        query = _Query(presence, limit, set(self.peers), loop.create_future())
+        self._queries[query_id] = query
+        try:
+            if self._publish(
+                bus.TOPIC_CONTROL,
+                Kind.PRESENCE_REQ,
+                query_id,
+                self.shard,
+                self.generation,
+                room,
+                limit,
+            ):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(query.done), timeout)
+        finally:
+            del self._queries[query_id]
+        presence.workers.sort()
+        presence.missing_workers = sorted(query.waiting)
+        return presence
+
+    def _answer_presence(self, fields: list[Any]) -> None:
+        query_id, reply_shard, generation, room, limit = fields
+        query_id, reply_shard, limit = int(query_id), int(reply_shard), int(limit)
+        if room is not None and not isinstance(room, str):
+            raise BusError("PRESENCE_REQ envelope: room must be a str or nil")
+        rows, total = local_rows(self.hub, room, max(0, min(limit, MAX_PRESENCE_LIMIT)))
+        topic = bus.shard_topic(reply_shard)
+
+        def part(chunk: list[list[Any]], last: bool) -> bool:
+            sent = self._publish(
+                topic, Kind.PRESENCE, query_id, generation, chunk, total if last else 0, last
+            )
+            if not sent:  # the asker sees this worker as missing: partial, never wrong
+                self.counters["presence_failures"] += 1
+            return sent
+
+        chunk: list[list[Any]] = []
+        size = 0
+        for row in rows:
+            chunk.append(row)
+            size += len(row[0]) + len(row[1]) + 16
+            if size >= bus.PART_BYTES:
+                if not part(chunk, False):
+                    return
+                chunk, size = [], 0
+        part(chunk, True)
+
+    def _on_presence(self, origin: int, fields: list[Any]) -> None:
+        query_id, reply_generation, rows, total, last = fields
+        if reply_generation != self.generation:
+            return  # an answer to a past life of this shard
+        query = self._queries.get(int(query_id))
+        if query is None or origin not in query.waiting:
+            return  # too late, or not asked
+        if not isinstance(rows, list):
+            raise BusError("PRESENCE envelope: rows must be a list")
+        query.presence.add(origin, rows, int(total), query.limit)
+        if last:
+            query.waiting.discard(origin)
+            query.presence.workers.append(origin)
+            if not query.waiting and not query.done.done():
+                query.done.set_result(None)
+
+    # ------------------------------------------------- health and metrics
+
+    def bus_up(self) -> bool:
+        """Whether our heartbeats come back through the bus (within 3 intervals)."""
+        return time.monotonic() - self._own_heartbeat_at < 3 * self.heartbeat_interval + 1.0
+
+    def health(self) -> dict[str, Any]:
+        hub = self.hub
+        workers: list[dict[str, Any]] = [
+            {
+                "shard": self.shard,
+                "pid": os.getpid(),
+                "clients": hub.count,
+                "generation": self.generation,
+            }
+        ]
+        now = time.monotonic()
+        for shard, peer in sorted(self.peers.items()):
+            workers.append(
+                {
+                    "shard": shard,
+                    "pid": peer.pid,
+                    "clients": peer.clients,
+                    "generation": peer.generation,
+                    "heartbeat_age": round(now - peer.last_heartbeat, 3),
+                    "late": now - peer.last_heartbeat > self.peer_timeout,
+                }
+            )
+        up = self.bus_up()
+        return {
+            "status": "ok" if up else "degraded",
+            "clients": self.client_count(),
+            "local_clients": hub.count,
+            "shard": self.shard,
+            "workers": workers,
+            "bus": {**self.counters, "up": up},
+            "stats": dict(hub.stats),
+        }
+
+    def metrics_samples(self) -> list[WorkerSample]:
+        """This worker's figures, and each peer's from its last heartbeat."""
+        hub = self.hub
+        samples = [WorkerSample(self.shard, hub.count, dict(hub.stats), dict(self.counters))]
+        for shard, peer in sorted(self.peers.items()):
+            server_stats = peer.stats.get("server")
+            bus_stats = peer.stats.get("bus")
+            samples.append(
+                WorkerSample(
+                    shard,
+                    peer.clients,
+                    server_stats if isinstance(server_stats, dict) else {},
+                    bus_stats if isinstance(bus_stats, dict) else {},
+                )
+            )
+        return samples
+
+    # ------------------------------------------------------------ receive
+
+    def delivery_budget_end(self) -> int:
+        """The hub's delivery count past which a receive batch yields the loop."""
+        return self.hub.deliveries + DELIVERY_BUDGET
+
+    def receive(self, topic: bytes, body: bytes) -> None:
+        """Handle one envelope from the bus: counted, never raising."""
+        self.counters["received"] += 1
+        try:
+            self._handle(topic, body)
+        except BusError as exc:
+            self.counters["malformed"] += 1
+            now = time.monotonic()
+            if now - self._last_malformed_warning > 5.0:  # logged once, then counted
+                self._last_malformed_warning = now
+                logger.warning("dropped a malformed bus envelope: %s", exc)
+        except Exception:
+            self.counters["malformed"] += 1
+            logger.exception("error handling a bus envelope")
+
+    def _track_seq(self, topic: bytes, origin: int, generation: str, seq: int) -> None:
+        per_topic = self._last_seq.get(topic)
+        if per_topic is None:
+            per_topic = self._last_seq[topic] = {}
+        key = (origin, generation)
+        last = per_topic.get(key)
+        if last is not None and seq > last + 1:
+            self.counters["gaps"] += seq - last - 1
+            logger.warning(
+                "bus gap: %d message(s) from worker %d lost on topic %r",
+                seq - last - 1,
+                origin,
+                topic,
+            )
+        per_topic[key] = seq
+
+    def _handle(self, topic: bytes, body: bytes) -> None:
+        """Handle one envelope; a field of the wrong type raises :class:`BusError`."""
+        kind, origin, generation, seq, fields = bus.decode(body)
+        if origin == self.shard and generation == self.generation:
+            if kind is Kind.HEARTBEAT:  # our own heartbeat went round: the bus works
+                self._own_heartbeat_at = time.monotonic()
+            return
+        self._track_seq(topic, origin, generation, seq)
+        try:
+            self._dispatch(kind, origin, generation, fields)
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            # e.g. a str where an int belongs: counted as malformed and logged
+            # once, without the values (they may carry client data)
+            raise BusError(f"malformed {kind.name} envelope ({type(exc).__name__})") from None
+
+    def _dispatch(self, kind: Kind, origin: int, generation: str, fields: list[Any]) -> None:
+        hub = self.hub
+        if kind is Kind.BROADCAST:
+            frame, exclude_id = fields
+            _check_bytes(frame)
+            exclude = hub.get(exclude_id) if exclude_id else None
+            hub.write_all(hub.clients.values(), OutgoingMessage.from_frame(frame), exclude)
+        elif kind is Kind.ROOM:
+            names, frame, exclude_id, message_id = fields
+            _check_bytes(frame)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise BusError("ROOM envelope: names must be a list of str")
+            if len(names) > 1:
+                key = (origin, generation, int(message_id))
+                if key in self._recent_room_set:
+                    return
+                self._recent_room_set.add(key)
+                self._recent_room_messages.append(key)
+                if len(self._recent_room_messages) > _DEDUP_WINDOW:
+                    self._recent_room_set.discard(self._recent_room_messages.popleft())
+            exclude = hub.get(exclude_id) if exclude_id else None
+            hub.deliver_rooms(names, OutgoingMessage.from_frame(frame), exclude)
+        elif kind is Kind.SEND:
+            client_id, frame = fields
+            _check_bytes(frame)
+            client = hub.get(client_id)
+            if client is None or not hub.write_all(
+                (client,), OutgoingMessage.from_frame(frame), None
+            ):
+                self.counters["undeliverable"] += 1
+        elif kind is Kind.CLOSE:
+            client_id, code, reason = fields
+            client = hub.get(client_id)
+            if client is None:
+                self.counters["undeliverable"] += 1
+            else:
+                client.close(int(code), str(reason))
+        elif kind is Kind.HEARTBEAT:
+            self._on_heartbeat(origin, generation, fields)
+        elif kind is Kind.HELLO:
+            self._peer(origin, generation)
+        elif kind is Kind.DEAD:
+            self._on_dead(int(fields[0]), int(fields[1]))
+        elif kind is Kind.PRESENCE_REQ:
+            self._answer_presence(fields)
+        elif kind is Kind.PRESENCE:
+            self._on_presence(origin, fields)
+
+    def _peer(self, shard: int, generation: str) -> Peer:
+        peer = self.peers.get(shard)
+        if peer is None or peer.generation != generation:
+            # a new process for that shard: its predecessor's count is gone,
+            # and so is the sequence state kept for it
+            if peer is not None:
+                self._forget_sequences(shard, peer.generation)
+            peer = self.peers[shard] = Peer(generation, last_heartbeat=time.monotonic())
+        return peer
+
+    def _on_dead(self, shard: int, pid: int) -> None:
+        """The supervisor saw the process of ``shard`` exit (or killed it)."""
+        peer = self.peers.get(shard)
+        if peer is not None and peer.pid in (pid, 0):
+            del self.peers[shard]
+            self._forget_sequences(shard, peer.generation)
+            logger.info(
+                "worker %d (pid %d) died: its %d client(s) are gone", shard, pid, peer.clients
+            )
+
+    def _forget_sequences(self, shard: int, generation: str) -> None:
+        key = (shard, generation)
+        for per_topic in self._last_seq.values():
+            per_topic.pop(key, None)
+
+    def _on_heartbeat(self, origin: int, generation: str, fields: list[Any]) -> None:
+        pid, clients, stats = fields
+        pid, clients = int(pid), int(clients)  # a malformed one must not touch the peer
+        peer = self._peer(origin, generation)
+        peer.pid = pid
+        peer.clients = clients
+        peer.stats = stats if isinstance(stats, dict) else {}
+        peer.last_heartbeat = time.monotonic()
+        if peer.late:
+            peer.late = False
+            logger.info("worker %d is heard again", origin)
+
+    def _check_peers(self) -> None:
+        """Mark the peers whose heartbeat is late; forget them only with ``forget_after``."""
+        now = time.monotonic()
+        stalled = now - self._checked_at > 2 * self.heartbeat_interval + 1.0
+        self._checked_at = now
+        if stalled:
+            return  # we were the one not running (stopped, swapped out): read the bus first
+        for shard, peer in list(self.peers.items()):
+            silent = now - peer.last_heartbeat
+            if self.forget_after is not None and silent > self.forget_after:
+                logger.warning("worker %d silent for %.1fs: forgetting it", shard, silent)
+                del self.peers[shard]
+                self._forget_sequences(shard, peer.generation)
+            elif silent > self.peer_timeout and not peer.late:
+                peer.late = True
+                self.counters["late_peers"] += 1
+                logger.warning(
+                    "worker %d late: no heartbeat for %.1fs (still counted; the supervisor "
+                    "decides whether it is dead)",
+                    shard,
+                    silent,
+                )
+
+    async def _heartbeat_forever(self) -> None:
+        self._publish(bus.TOPIC_CONTROL, Kind.HELLO)
+        while True:
+            self.counters["heartbeats"] += 1
+            self._publish(
+                bus.TOPIC_CONTROL,
+                Kind.HEARTBEAT,
+                os.getpid(),
+                self.hub.count,
+                {"bus": dict(self.counters), "server": dict(self.hub.stats)},
+            )
+            self._check_peers()
+            await asyncio.sleep(self.heartbeat_interval)
+
+
+def _check_bytes(value: Any) -> None:
+    if not isinstance(value, bytes):
+        raise BusError("frame field must be bytes")
