@@ -483,7 +483,7 @@ def _cluster_of(sizes: list[int], path: str = "/") -> tuple[MemoryBus, list[Memo
 
 def test_presence_asks_every_worker_and_merges_the_answers() -> None:
     async def run() -> None:
-        memory, engines = _cluster_of([5, 7, 11])
+        _, engines = _cluster_of([5, 7, 11])
         presence = await engines[0].fetch_clients(None, 1000, 1.0)
         assert not presence.partial and not presence.truncated
         assert presence.total == 23 and len(presence) == 23
