@@ -139,6 +139,19 @@ async def sleep_watching(seconds: float, server: ServerProcess, step: float = 0.
 # connections --------------------------------------------------------------------------
 
 
+def marginal_slope(series: list[list[float]], from_clients: float) -> float:
+    """Least-squares slope of USS over open clients, for samples past ``from_clients``."""
+    points = [(point[0], point[1]) for point in series if point[0] >= from_clients]
+    if len(points) < 2:
+        return 0.0
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread == 0:
+        return 0.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
 async def run_connections(
     cfg: Config, server: ServerProcess, sampler: TreeSampler, progress: Progress
 ) -> RunResult:
@@ -177,6 +190,10 @@ async def run_connections(
         "uss_bytes": stats["server_uss_bytes"],
         "rss_bytes": stats["server_rss_bytes"],
         "uss_per_client_bytes": (stats["server_uss_bytes"] - base.uss) / clients,
+        # the slope over the second half of the ramp: what one more client costs,
+        # without each process's one-time warm-up (pages it stops sharing with
+        # the supervisor, allocator pools on first use)
+        "uss_marginal_per_client_bytes": marginal_slope(series, clients / 2),
         "rss_per_client_bytes": (stats["server_rss_bytes"] - base.rss) / clients,
         "server_fds": stats["server_fds"],
         "server_cpu_percent": stats["server_cpu_percent"],
@@ -446,6 +463,12 @@ async def run_fanout(
             "fanout_deliveries": pool.deliveries,
             "fanout_deliveries_per_s": pool.deliveries / elapsed if elapsed > 0 else math.nan,
             "fanout_broadcasts_per_s": rounds / elapsed if elapsed > 0 else math.nan,
+            # the whole server tree's CPU (every worker, the broker) per client written to
+            "server_cpu_us_per_delivery": (
+                stats["server_cpu_percent"] / 100 * elapsed / pool.deliveries * 1e6
+                if pool.deliveries
+                else math.nan
+            ),
             **latency_summary(pool.latencies, "fanout_last"),
             "server_cpu_percent": stats["server_cpu_percent"],
             "loadgen_cpu_percent": stats["loadgen_cpu_percent"],
