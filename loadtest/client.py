@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import resource
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from typing import Any, cast
 
 from loadtest import wire
 
+#: Linux's socket option that defers a bound socket's port choice to connect().
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: Clients one source address may hold before another address in 127.0.0.0/8 is used.
 CLIENTS_PER_SOURCE_ADDRESS = 25_000
 
@@ -303,12 +306,13 @@ class ClientPool:
         loop = asyncio.get_running_loop()
         client = self.new_client()
         client.waiter = loop.create_future()
-        local_addr = (source, 0) if source is not None else None
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: client, self.host, self.port, local_addr=local_addr
-                )
+                if source is None:
+                    await loop.create_connection(lambda: client, self.host, self.port)
+                else:
+                    sock = await self._connect_from(source)
+                    await loop.create_connection(lambda: client, sock=sock)
                 opened = await client.waiter
         except (OSError, TimeoutError) as exc:
             if client.transport is not None:
@@ -322,6 +326,29 @@ class ClientPool:
         finally:
             client.waiter = None
         return client if opened else None
+
+    async def _connect_from(self, source: str) -> socket.socket:
+        """A TCP socket from ``source`` to the server, its port picked at connect time.
+
+        A plain ``bind((source, 0))`` makes the kernel find a port free for
+        *every* destination, a search that slows down as the ports fill
+        (tens of thousands of clients per address); with
+        ``IP_BIND_ADDRESS_NO_PORT`` the port is chosen by ``connect`` for this
+        destination only.
+        """
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in source else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.setblocking(False)
+            sock.bind((source, 0))
+            await loop.sock_connect(sock, (self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def ramp(
         self,
