@@ -5,7 +5,7 @@ to every connected client, on every worker. This command line is stable:
 Autobahn runs and ``loadtest`` drive it. Its limits default to the library's
 safe ones; the conformance runner and ``loadtest`` pass bigger ones.
 
-    python examples/echo.py --host 127.0.0.1 --port 9001 [--workers N]
+    python examples/echo.py --host 127.0.0.1 --port 9001 [--workers N] [--bus nats://...]
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="permessage-deflate (RFC 7692) on or off (default deflate)",
     )
     parser.add_argument(
+        "--bus",
+        default=os.environ.get("ENJENT_BUS"),
+        help="zeromq (one host, the default) or nats://HOST:PORT[,...] to join the workers "
+        "of several hosts (ENJENT_BUS)",
+    )
+    parser.add_argument(
         "--health-detail",
         action="store_true",
         help="the health path also shows each worker's pid, bus and error counters",
@@ -102,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         compression=None if args.compression == "none" else "deflate",
         health_detail=args.health_detail,
     )
-    server.run(args.host, args.port, workers=args.workers)
+    try:
+        server.run(args.host, args.port, workers=args.workers, bus=args.bus)
+    except ValueError as exc:  # a --bus that is not zeromq or nats:// URLs
+        print(f"echo.py: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from enjent.cluster.natsbus import NatsConfig, host_shard_base
+
 from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
@@ -96,6 +98,7 @@ class Arbiter:
         close_timeout: float = 5.0,
         runtime_dir: str | None = None,
         worker_timeout: float = WORKER_TIMEOUT,
+        bus: NatsConfig | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -105,6 +108,9 @@ class Arbiter:
         if not worker_timeout > 0:
             raise ValueError("worker_timeout must be positive")
         self.worker_timeout = worker_timeout
+        #: ``None``: the embedded ZeroMQ broker; else every worker connects to NATS
+        self.bus = bus
+        self._shard_base = 0 if bus is None else host_shard_base(bus, host, port)
         self._broker_backoff = BROKER_BACKOFF[0]
         self._broker_started_at = 0.0
         self._broker_restart_at = 0.0
@@ -166,7 +172,8 @@ class Arbiter:
         gc.collect()
         gc.freeze()
         try:
-            self._spawn_broker()
+            if self.bus is None:
+                self._spawn_broker()
             self._maintain()
             logger.info(
                 "supervisor (pid %d): %d workers serving on %s://%s:%d",
@@ -294,7 +301,7 @@ class Arbiter:
         read_fd, write_fd = os.pipe()
         parent_pid = os.getpid()
         spec = WorkerSpec(
-            shard=shard,
+            shard=self._shard_base + shard,
             host=self.host,
             port=self.port,
             publish_endpoint=self.publish_endpoint,
@@ -302,6 +309,7 @@ class Arbiter:
             ready_fd=write_fd,
             parent_pid=parent_pid,
             ssl=self.ssl,
+            bus=self.bus,
         )
 
         def child() -> int:
@@ -329,7 +337,7 @@ class Arbiter:
         """Start the missing workers and broker; go on with a SIGHUP replacement."""
         if self._stopping:
             return
-        if not self.broker_pid and time.monotonic() >= self._broker_restart_at:
+        if self.bus is None and not self.broker_pid and time.monotonic() >= self._broker_restart_at:
             self._spawn_broker()
         live = {w.shard for w in self.workers.values() if not w.retiring}
         for shard in range(self.num_workers):
@@ -543,6 +551,7 @@ def run_cluster(
     workers: int,
     ssl: ssl_module.SSLContext | None = None,
     worker_timeout: float = WORKER_TIMEOUT,
+    bus: NatsConfig | None = None,
 ) -> int:
     """Run ``app`` (a server, or a function that builds one) on ``workers`` processes."""
     from enjent import WebSocketServer
@@ -565,4 +574,5 @@ def run_cluster(
         ssl=ssl,
         close_timeout=close_timeout,
         worker_timeout=worker_timeout,
+        bus=bus,
     ).run()

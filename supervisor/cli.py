@@ -108,6 +108,12 @@ def _path_or_off(text: str) -> str | None:
     return text
 
 
+def _bus(text: str) -> Any:
+    from enjent.cluster.natsbus import parse_bus
+
+    return parse_bus(text)
+
+
 def _address_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -162,6 +168,16 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         None,
         "DIR",
+    ),
+    Setting(
+        "bus",
+        ("--bus",),
+        "zeromq (the embedded broker, one host; the default) or nats://HOST:PORT[,...]: "
+        "join the workers of every host over NATS (ENJENT_NATS_TOKEN, _USER, _PASSWORD, "
+        "_CREDS, _TLS_CA, _TLS_CERT, _TLS_KEY for its credentials)",
+        _bus,
+        None,
+        "URLS",
     ),
     Setting(
         "worker_timeout",
@@ -466,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.configure(**overrides)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    if values["workers"] == 1:
+    if values["workers"] == 1 and values["bus"] is None:
         try:
             server.run(values["host"], values["port"], ssl=ssl_context)
         except WebSocketServerError as exc:
@@ -482,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_timeout=server.close_timeout,
         runtime_dir=values["runtime_dir"],
         worker_timeout=values["worker_timeout"],
+        bus=values["bus"],
     )
     return arbiter.run()
 

@@ -21,7 +21,9 @@ import sys
 from collections.abc import Callable
 
 from enjent import WebSocketServer, WebSocketServerError
-from enjent.cluster import ClusterClient
+from enjent.cluster import BusEngine, ClusterClient
+from enjent.cluster.natsbus import NatsConfig, NatsEngine
+from enjent.exceptions import BusError
 from enjent.server import run_event_loop
 
 logger = logging.getLogger("enjent.worker")
@@ -54,6 +56,8 @@ class WorkerSpec:
     ready_fd: int  # write end of the pipe: "R" once listening, then "H" every second
     parent_pid: int
     ssl: ssl_module.SSLContext | None = None
+    #: ``None``: the ZeroMQ broker's endpoints above; else NATS
+    bus: NatsConfig | None = None
 
 
 def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> int:
@@ -82,14 +86,26 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    cluster = ClusterClient(
-        server.hub,
-        shard=shard,
-        publish_endpoint=spec.publish_endpoint,
-        subscribe_endpoint=spec.subscribe_endpoint,
-    )
-    server.attach_peers(cluster)
-    cluster.start()
+    cluster: BusEngine
+    if spec.bus is None:
+        zeromq = ClusterClient(
+            server.hub,
+            shard=shard,
+            publish_endpoint=spec.publish_endpoint,
+            subscribe_endpoint=spec.subscribe_endpoint,
+        )
+        server.attach_peers(zeromq)
+        zeromq.start()
+        cluster = zeromq
+    else:
+        nats = NatsEngine(server.hub, shard=shard, config=spec.bus)
+        server.attach_peers(nats)
+        try:
+            await nats.start()
+        except BusError as exc:
+            logger.error("worker %d cannot start: %s", shard, exc)
+            return WORKER_BOOT_ERROR
+        cluster = nats
     try:
         await server.start(spec.host, spec.port, ssl=spec.ssl, reuse_port=True)
     except WebSocketServerError as exc:

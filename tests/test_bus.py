@@ -321,6 +321,12 @@ def test_nothing_is_published_per_client_event() -> None:
         cluster.client_disconnected(object())
     assert published == []
     assert cluster.counters["sent"] == 0
+    # a burst of 20,000 (one long turn of the loop) still lets a heartbeat out
+    # when one is due, and only then: never one message per client
+    for _ in range(10_000):
+        cluster.client_connected(object())
+        cluster.client_disconnected(object())
+    assert published == [Kind.HEARTBEAT]
 
 
 def test_a_dead_worker_is_announced_by_the_supervisor_not_guessed() -> None:

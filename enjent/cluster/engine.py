@@ -151,6 +151,8 @@ class BusEngine:
         self._tokens_at = time.monotonic()
         self._started_at = time.monotonic()
         self._checked_at = time.monotonic()
+        self._beat_at = 0.0
+        self._events = 0
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._last_rate_warning = -10.0
         self._last_malformed_warning = -10.0
@@ -184,6 +186,10 @@ class BusEngine:
         for query in self._queries.values():
             if not query.done.done():
                 query.done.set_result(None)
+
+    async def close(self) -> None:
+        """Stop (a transport also closes its connection)."""
+        await self._stop_heartbeats()
 
     @property
     def topics(self) -> tuple[bytes, ...]:
@@ -262,10 +268,32 @@ class BusEngine:
     # -------------------------------------------------- events from server
 
     def client_connected(self, client: Any) -> None:
-        """Nothing is published: the heartbeat carries the count."""
+        """Nothing is published per client: the heartbeat carries the count."""
+        self._events += 1
+        if not self._events & 255:
+            self._beat_if_due()
 
     def client_disconnected(self, client: Any) -> None:
-        """Nothing is published: the heartbeat carries the count."""
+        """Nothing is published per client: the heartbeat carries the count."""
+        self._events += 1
+        if not self._events & 255:
+            self._beat_if_due()
+
+    def _beat_if_due(self) -> None:
+        """A burst of connects or disconnects (one long turn of the loop) keeps beating."""
+        if time.monotonic() - self._beat_at > self.heartbeat_interval:
+            self._beat()
+
+    def _beat(self) -> None:
+        self._beat_at = time.monotonic()
+        self.counters["heartbeats"] += 1
+        self._publish(
+            bus.TOPIC_CONTROL,
+            Kind.HEARTBEAT,
+            os.getpid(),
+            self.hub.count,
+            {"bus": dict(self.counters), "server": dict(self.hub.stats)},
+        )
 
     def room_created(self, name: str) -> None:
         """The first local member joined: subscribe to the room's topic."""
@@ -579,14 +607,7 @@ class BusEngine:
     async def _heartbeat_forever(self) -> None:
         self._publish(bus.TOPIC_CONTROL, Kind.HELLO)
         while True:
-            self.counters["heartbeats"] += 1
-            self._publish(
-                bus.TOPIC_CONTROL,
-                Kind.HEARTBEAT,
-                os.getpid(),
-                self.hub.count,
-                {"bus": dict(self.counters), "server": dict(self.hub.stats)},
-            )
+            self._beat()
             self._check_peers()
             await asyncio.sleep(self.heartbeat_interval)
 

@@ -394,11 +394,14 @@ class WebSocketServer(OptionAttributes):
         *,
         workers: int = 1,
         ssl: ssl_module.SSLContext | None = None,
+        bus: str | None = None,
     ) -> None:
         """Serve until SIGINT/SIGTERM, then stop gracefully.
 
         ``workers=1`` serves in this process (no fork, no external service);
         ``workers > 1`` runs the supervisor, one worker process per worker.
+        ``bus="nats://h1:4222,nats://h2:4222"`` joins the workers of every
+        host over NATS (the supervisor runs even for one worker).
         SIGHUP is logged and ignored by one process (it cannot reload
         without dropping its clients); with workers, it replaces them.
         """
@@ -407,10 +410,11 @@ class WebSocketServer(OptionAttributes):
         refuse_while_importing("run()")
         refuse_inside_a_loop()
         configure_default_logging()
-        if workers > 1:
-            # the supervisor is layer 4: imported only when asked for
+        if workers > 1 or bus not in (None, "", "zeromq"):
+            # the supervisor and the engines are layers 3-4: imported when asked for
+            config = importlib.import_module("enjent.cluster.natsbus").parse_bus(bus)
             arbiter = importlib.import_module("enjent_supervisor.arbiter")
-            code = arbiter.run_cluster(self, host, port, workers=workers, ssl=ssl)
+            code = arbiter.run_cluster(self, host, port, workers=workers, ssl=ssl, bus=config)
             if code:
                 raise SystemExit(code)
             return
