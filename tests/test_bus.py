@@ -364,6 +364,10 @@ def test_an_engine_without_a_supervisor_forgets_a_silent_peer() -> None:
     cluster.peers[1].last_heartbeat -= 5
     cluster._check_peers()
     assert cluster.peers == {} and cluster.client_count() == 0
+    # a partition heals: the same process is heard again, and what it sent
+    # meanwhile is counted as lost, not taken for a fresh start
+    feed(cluster, sub, control(Kind.HEARTBEAT, 9, 777, 40, {}))
+    assert cluster.counters["gaps"] == 7 and cluster.client_count() == 40
 
 
 def test_a_new_generation_of_a_shard_replaces_the_old_one() -> None:

@@ -591,9 +591,11 @@ class BusEngine:
         for shard, peer in list(self.peers.items()):
             silent = now - peer.last_heartbeat
             if self.forget_after is not None and silent > self.forget_after:
+                # out of the counts, but its sequence numbers are kept: if the
+                # same process is heard again (a partition healed), what was
+                # lost meanwhile is counted as gaps, not taken for a fresh start
                 logger.warning("worker %d silent for %.1fs: forgetting it", shard, silent)
                 del self.peers[shard]
-                self._forget_sequences(shard, peer.generation)
             elif silent > self.peer_timeout and not peer.late:
                 peer.late = True
                 self.counters["late_peers"] += 1
