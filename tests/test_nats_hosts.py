@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 from clusterutil import Client, close_all
-from natsutil import EnjentHost, NatsNode, http_json, nats_server_binary, wait_until
+from natsutil import EnjentHost, NatsNode, nats_server_binary, wait_until
 from websockets.asyncio.client import connect
 
 pytestmark = pytest.mark.timeout(240)
