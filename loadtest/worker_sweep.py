@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m loadtest.worker_sweep", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument(
+        "--buses", default="zeromq", help="enjent buses to sweep too, e.g. zeromq,nats"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every count (default 3)")
     parser.add_argument("--metrics", default=DEFAULT_METRICS, help="metrics to report")
     parser.add_argument("--json", type=Path, help="write the medians here too")
@@ -37,15 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     forwarded = [a for a in args.arguments if a != "--"]
     if not forwarded:
         parser.error("give the loadtest scenario and its options after --")
-    counts = [int(part) for part in args.workers.split(",") if part]
+    counts = [
+        (int(part), bus)
+        for bus in args.buses.split(",")
+        if bus
+        for part in args.workers.split(",")
+        if part
+    ]
     metrics = [name for name in args.metrics.split(",") if name]
-    values: dict[int, dict[str, list[float]]] = {w: {m: [] for m in metrics} for w in counts}
+    values: dict[tuple[int, str], dict[str, list[float]]] = {
+        key: {m: [] for m in metrics} for key in counts
+    }
     failures = 0
     with tempfile.TemporaryDirectory(prefix="sweep-") as folder:
         for round_index in range(args.repeat):
-            for workers in counts:
-                path = Path(folder) / f"{workers}-{round_index}.json"
-                command = [sys.executable, "-m", "loadtest", *forwarded]
+            for workers, bus in counts:
+                path = Path(folder) / f"{workers}-{bus}-{round_index}.json"
+                command = [sys.executable, "-m", "loadtest", *forwarded, "--bus", bus]
                 command += ["--workers", str(workers), "--json", str(path), "--no-chart", "--quiet"]
                 done = subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
                 if done.returncode != 0 or not path.exists():
@@ -59,21 +70,23 @@ def main(argv: list[str] | None = None) -> int:
                     for name in metrics:
                         value = run.get("metrics", {}).get(name)
                         if isinstance(value, int | float):
-                            values[workers][name].append(float(value))
+                            values[workers, bus][name].append(float(value))
     medians: dict[str, Any] = {}
-    print(f"{'workers':>8} " + " ".join(f"{name:>30}" for name in metrics))
-    first = counts[0]
-    for workers in counts:
+    print(f"{'workers/bus':>14} " + " ".join(f"{name:>30}" for name in metrics))
+    first = f"{counts[0][0]}/{counts[0][1]}"
+    for workers, bus in counts:
+        label = f"{workers}/{bus}"
         row = {
-            name: statistics.median(v) if v else float("nan") for name, v in values[workers].items()
+            name: statistics.median(v) if v else float("nan")
+            for name, v in values[workers, bus].items()
         }
-        medians[str(workers)] = row
+        medians[label] = row
         cells = []
         for name in metrics:
-            base = medians[str(first)][name]
+            base = medians[first][name]
             ratio = row[name] / base if base else float("nan")
             cells.append(f"{row[name]:>20.2f} ({ratio:>5.2f}x)")
-        print(f"{workers:>8} " + " ".join(f"{cell:>30}" for cell in cells))
+        print(f"{label:>14} " + " ".join(f"{cell:>30}" for cell in cells))
     if args.json:
         args.json.write_text(json.dumps({"command": sys.argv, "medians": medians}, indent=2) + "\n")
     return 1 if failures else 0
