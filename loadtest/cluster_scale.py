@@ -69,7 +69,9 @@ async def _child(host: str, port: int, count: int, source: str, timeout: float) 
     """Open ``count`` idle clients, say how it went, exit at once when told."""
     pool = ClientPool(host, port)
     deadline = time.monotonic() + timeout
-    await pool.ramp(count, rate=0, concurrency=256, sources=[source], deadline=deadline)
+    await pool.ramp(
+        count, rate=0, concurrency=128, sources=[source], deadline=deadline, connect_timeout=30.0
+    )
     errors = dict(pool.errors.most_common(3))
     print(
         json.dumps({"open": pool.open_count, "failed": pool.failed, "errors": errors}), flush=True
