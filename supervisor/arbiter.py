@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from enjent.cluster.natsbus import NatsConfig, host_shard_base
 
+from .warmup import warm_up
 from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
@@ -167,8 +168,10 @@ class Arbiter:
         self.publish_endpoint = f"ipc://{self.runtime_dir}/bus-in"
         self.subscribe_endpoint = f"ipc://{self.runtime_dir}/bus-out"
         self._install_signals()
-        # children share the supervisor's memory copy-on-write; keep the
-        # garbage collector of every child from touching (copying) it
+        # children share the supervisor's memory copy-on-write: run the hot
+        # paths once here (shared, not copied per worker), and keep the garbage
+        # collector of every child from touching (copying) it
+        warm_up()
         gc.collect()
         gc.freeze()
         try:

@@ -567,3 +567,19 @@ def test_a_stopped_broker_shows_as_bus_down_in_healthz() -> None:
         wait_for(lambda: healthz(cluster.port, timeout=1.0)["status"] == "ok", 15.0)
         cluster.signal(signal.SIGTERM)
         assert cluster.wait(15) == 0
+
+
+def test_the_supervisor_warms_up_without_the_apps_handlers() -> None:
+    """warm_up serves loopback clients with a bare server of its own, then leaves no trace."""
+    import asyncio as asyncio_module
+    import threading
+
+    from enjent_supervisor.warmup import warm_up
+
+    threads = threading.active_count()
+    assert warm_up(rounds=8) is True
+    with pytest.raises(RuntimeError):
+        asyncio_module.get_running_loop()  # its loop is closed, none left running
+    assert threading.active_count() == threads
+    # and it never raises: a failure only skips the optimization
+    assert warm_up(rounds=1, timeout=1e-9) is False
