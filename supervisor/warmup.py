@@ -39,7 +39,11 @@ async def _exercise(rounds: int) -> None:
     from enjent import WebSocketServer
 
     server = WebSocketServer(
-        ping_interval=None, compression=None, health_path=None, metrics_path=None
+        ping_interval=None,
+        compression=None,
+        health_path=None,
+        metrics_path=None,
+        max_connections=rounds + 8,
     )
     server.on_message(lambda client, message: client.send(message))
     await server.start("127.0.0.1", 0)
@@ -66,9 +70,14 @@ def warm_up(rounds: int = 64, timeout: float = 5.0) -> bool:
     async def bounded() -> None:
         await asyncio.wait_for(_exercise(rounds), timeout)
 
+    quiet = logging.getLogger("enjent.server")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its "stopped" is not the application's
     try:
         run_event_loop(bounded())
     except Exception as exc:  # an optimization only: never a reason not to start
         logger.debug("warm-up skipped: %s: %s", type(exc).__name__, exc)
         return False
+    finally:
+        quiet.setLevel(level)
     return True

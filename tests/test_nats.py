@@ -171,3 +171,53 @@ def test_two_hosts_are_one_logical_server(
             await close_all(clients)
 
     asyncio.run(main())
+
+
+def test_echo_example_joins_hosts_over_nats(
+    two_hosts: tuple[list[NatsNode], list[EnjentHost]],
+) -> None:
+    """``examples/echo.py --bus nats://...`` on two addresses: a broadcast crosses hosts."""
+    import os
+    import sys
+
+    from natsutil import Process, http_json
+
+    nodes, _ = two_hosts
+    echoes = []
+    try:
+        for index, host in enumerate(HOSTS):
+            own = [nodes[index], *nodes[:index], *nodes[index + 1 :]]
+            port = _free_port(host)
+            command = [sys.executable, "examples/echo.py", "--host", host, "--port", str(port)]
+            command += ["--workers", "2", "--health-detail", "--bus", ",".join(n.url for n in own)]
+            # its own subjects: the module's other two hosts share these NATS nodes
+            env = {**os.environ, "ENJENT_NATS_PREFIX": "echotest"}
+            echoes.append((Process(command, env=env), host, port))
+        for _, host, port in echoes:
+            wait_until(
+                lambda h=host, p=port: len(http_json(f"http://{h}:{p}/healthz")["workers"]) == 4,
+                20,
+                "the echo hosts' four workers",
+            )
+
+        async def main() -> None:
+            sockets = [
+                await connect(f"ws://{host}:{port}/", open_timeout=5, ping_interval=None)
+                for _, host, port in echoes
+                for _ in range(3)
+            ]
+            try:
+                await sockets[0].send("just echo")
+                assert await asyncio.wait_for(sockets[0].recv(), 5) == "just echo"
+                await sockets[-1].send("broadcast:over nats")
+                for ws in sockets:
+                    assert await asyncio.wait_for(ws.recv(), 5) == "over nats"
+            finally:
+                await asyncio.gather(*(ws.close() for ws in sockets))
+
+        asyncio.run(main())
+        for _, host, port in echoes:
+            assert http_json(f"http://{host}:{port}/healthz")["bus"]["gaps"] == 0
+    finally:
+        for process, _, _ in echoes:
+            process.stop()

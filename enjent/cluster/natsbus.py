@@ -256,6 +256,7 @@ class NatsEngine(BusEngine):
                 await self._publisher
             self._publisher = None
         if self._nc is not None:
+            self._connected = False  # a disconnect of our own: not counted, not logged
             try:
                 await asyncio.wait_for(self._nc.close(), 2.0)
             except Exception as exc:  # a dead server must not hang the stop
