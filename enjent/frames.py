@@ -18,6 +18,7 @@ __all__ = [
     "Opcode",
     "encode_close_payload",
     "encode_frame",
+    "frame_header",
     "parse_close_payload",
 ]
 
@@ -71,6 +72,20 @@ def is_valid_close_code(code: int) -> bool:
 _HEADER_7 = struct.Struct("!BB")
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
+
+
+def frame_header(opcode: int, length: int, *, rsv1: bool = False) -> bytes:
+    """The header of an unmasked, final frame of ``length`` payload bytes (§5.2).
+
+    For a large payload the I/O layer writes this header and the payload as
+    two buffers of one vectored write, so the payload is never copied.
+    """
+    first = 0x80 | (0x40 if rsv1 else 0) | opcode
+    if length < 126:
+        return _HEADER_7.pack(first, length)
+    if length < 65536:
+        return _HEADER_16.pack(first, 126, length)
+    return _HEADER_64.pack(first, 127, length)
 
 
 def encode_frame(

@@ -22,6 +22,7 @@ from .frames import (
     Opcode,
     encode_close_payload,
     encode_frame,
+    frame_header,
     parse_close_payload,
 )
 from .mask import apply_mask
@@ -87,6 +88,9 @@ class Extension(Protocol):
 
 
 _UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
+#: Payloads from this size on are written next to their header, not copied into a frame.
+ZERO_COPY_MIN = 16 * 1024
+
 _OPCODE_TEXT = Opcode.TEXT.value
 _OPCODE_BINARY = Opcode.BINARY.value
 _OPCODE_CONT = Opcode.CONTINUATION.value
@@ -559,6 +563,35 @@ class ServerProtocol:
             return encode_frame(opcode, extension.encode(bytes(payload)), rsv1=True)
         return encode_frame(opcode, payload)
 
+    def message_chunks(
+        self, data: str | bytes | bytearray | memoryview
+    ) -> tuple[bytes] | tuple[bytes, bytes]:
+        """Like :meth:`encode_message`, as the buffers of one (vectored) write.
+
+        A payload of at least :data:`ZERO_COPY_MIN` bytes comes back as
+        ``(header, payload)``, the payload never copied into a frame: it is
+        the caller's ``bytes`` itself (immutable, so safe to write later), or
+        the one copy made of a mutable buffer, or the encoded text, or the
+        compressed form. A smaller one is ``(frame,)``.
+        """
+        if type(data) is str:
+            opcode = _OPCODE_TEXT
+            payload: bytes | bytearray | memoryview = data.encode("utf-8")
+        elif isinstance(data, bytes | bytearray | memoryview):
+            opcode = _OPCODE_BINARY
+            payload = data
+        else:
+            raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
+        rsv1 = False
+        extension: Any = self.extension  # a PerMessageDeflate when negotiated
+        if extension is not None and extension.should_compress(len(payload)):
+            payload, rsv1 = extension.encode(bytes(payload)), True
+        if len(payload) < ZERO_COPY_MIN:
+            return (encode_frame(opcode, payload, rsv1=rsv1),)
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # a buffer the caller may change: one copy, now
+        return frame_header(opcode, len(payload), rsv1=rsv1), payload
+
     def should_half_close(self) -> bool:
         """True once, when the WebSocket is closed and everything we had to send is out.
 
@@ -590,15 +623,21 @@ class ServerProtocol:
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer."""
+        chunks = self.chunks_to_send()
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def chunks_to_send(self) -> list[bytes]:
+        """Everything queued since the last call, as the buffers of one vectored write."""
         pending = self.pending
         if self._close_frame is not None:
             pending.append(self._close_frame)
             self._close_frame = None
         if not pending:
-            return b""
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        return data
+            return pending
+        self.pending = []
+        return pending
 
 
 class OutgoingMessage:

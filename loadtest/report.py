@@ -144,6 +144,48 @@ def _table(rows: list[list[str]], stream: TextIO) -> None:
             stream.write("  ".join("-" * width for width in widths) + "\n")
 
 
+def spread(values: Sequence[float]) -> float:
+    """The largest distance from the median, as a fraction of it (0.1: ±10 %)."""
+    middle = statistics.median(values)
+    return max(abs(value - middle) for value in values) / middle if middle else math.nan
+
+
+def spread_rows(document: Mapping[str, Any], servers: list[str]) -> list[list[str]]:
+    """With ``--repeat`` > 1: per throughput metric, every run, the spread, paired ratios."""
+    runs = [run for run in document["runs"] if "metrics" in run]
+    if not servers or document["config"].get("repeat", 1) < 2:
+        return []
+    by: dict[tuple[str, int], Mapping[str, Any]] = {
+        (run["server"], run["repeat"]): run["metrics"] for run in runs
+    }
+    repeats = sorted({run["repeat"] for run in runs})
+    ours, peers = servers[0], servers[1:]
+    metrics = [
+        m for m in dict.fromkeys(m for run in runs for m in run["metrics"]) if m.endswith("_per_s")
+    ]
+    rows = [["metric", "server", "runs", "±", *(f"ratio to {peer}" for peer in peers)]]
+    for metric in metrics:
+        for server in servers:
+            values = [by[server, r][metric] for r in repeats if metric in by.get((server, r), {})]
+            if len(values) < 2:
+                continue
+            row = [metric, server, " ".join(format_value(metric, v) for v in values)]
+            row.append(f"{spread(values) * 100:.0f} %")
+            for peer in peers:
+                if server != ours:
+                    row.append("")
+                    continue
+                paired = [
+                    by[ours, r][metric] / by[peer, r][metric]
+                    for r in repeats
+                    if metric in by.get((ours, r), {}) and by.get((peer, r), {}).get(metric)
+                ]
+                cell = " ".join(f"{ratio:.2f}" for ratio in paired)
+                row.append(f"{cell} (min {min(paired):.2f})" if paired else "-")
+            rows.append(row)
+    return rows if len(rows) > 1 else []
+
+
 def print_report(document: Mapping[str, Any], stream: TextIO | None = None) -> None:
     """The human-readable result: metrics (and ratios), per-process detail, failures."""
     out = stream if stream is not None else sys.stdout
@@ -176,6 +218,13 @@ def print_report(document: Mapping[str, Any], stream: TextIO | None = None) -> N
                 row.append(better(metric))
             rows.append(row)
         _table(rows, out)
+        spread = spread_rows(document, servers)
+        if spread:
+            out.write(
+                "\nspread over the repeats (throughput metrics): each run's value, the "
+                "median's ±, and each run's ratio to the peer measured next to it\n"
+            )
+            _table(spread, out)
     for run in document["runs"]:
         window = run.get("details", {}).get("window")
         if not window:

@@ -297,7 +297,10 @@ async def run_echo(
             opcode = wire.Opcode.BINARY
         pool.reset()
         pool.payload, pool.opcode = payload, opcode
-        pool.frame = wire.encode_frame(opcode, payload, mask=rng.randbytes(4))
+        # the raw TCP echo writes back what it reads: unmasked, it comes back valid
+        key = rng.randbytes(4)  # drawn for every server: the same payloads for all
+        mask = None if server.kind.name == "rawtcp" else key
+        pool.frame = wire.encode_frame(opcode, payload, mask=mask)
         if cfg.messages > 0:
             pool.remaining = cfg.messages
         label = format_bytes(size)

@@ -71,6 +71,8 @@ SERVERS: dict[str, ServerKind] = {
     "websockets": ServerKind("websockets", "websockets", multiprocess=False),
     "aiohttp": ServerKind("aiohttp", "aiohttp", multiprocess=False),
     "picows": ServerKind("picows", "picows", multiprocess=False),
+    # not a WebSocket server: the echo's floor (loadtest sends it unmasked frames)
+    "rawtcp": ServerKind("rawtcp", None, multiprocess=False),
 }
 PEERS = [name for name in SERVERS if name != "enjent"]
 

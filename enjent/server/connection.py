@@ -50,6 +50,19 @@ _str = str
 _bytes = bytes
 
 
+#: Pending output from this size on is written as its buffers (one vectored
+#: write), not joined into one: large payloads are never copied.
+_JOIN_LIMIT = 64 * 1024
+
+
+def write_chunks(transport: asyncio.Transport, chunks: list[bytes]) -> None:
+    """Write ``chunks`` in order: joined when small, else as one vectored write."""
+    if len(chunks) < 64 and sum(map(len, chunks)) < _JOIN_LIMIT:
+        transport.write(b"".join(chunks))
+    else:
+        transport.writelines(chunks)
+
+
 class ServerState:
     """What a connection needs of its server (never the server itself).
 
@@ -406,13 +419,15 @@ class Connection(ServerProtocol, asyncio.Protocol):
         pending = self.pending
         if self.backlog is not None:  # messages read before a close are still to come
             if pending:
-                transport.write(b"".join(pending))
-                pending.clear()
+                write_chunks(transport, pending)
+                self.pending = []
             return
         if pending or self.state is State.CLOSED:
-            data = self.data_to_send()
-            if data:
-                transport.write(data)
+            chunks = self.chunks_to_send()
+            if len(chunks) == 1:
+                transport.write(chunks[0])
+            elif chunks:
+                write_chunks(transport, chunks)
         if self.should_half_close():  # the core's decision: closed, all sent
             client = self.client
             if client is not None and self.close_code is not None:
@@ -430,41 +445,60 @@ class Connection(ServerProtocol, asyncio.Protocol):
         return self.state is State.OPEN and self.transport is not None
 
     def send_message(self, data: str | bytes | bytearray | memoryview) -> bool:
-        """Encode one message (the core's one encoder) and write or queue it."""
-        frame = self.encode_message(data)
-        if self.state is _OPEN and not self.paused and not self.batching:  # the common case
-            self.transport.write(frame)  # type: ignore[union-attr]
-        elif not self.send_frame(frame):
-            return False
+        """Encode one message (the core's one encoder) and write or queue it.
+
+        A large payload goes out as header and payload in one vectored
+        write, never copied into a frame (:meth:`ServerProtocol.message_chunks`).
+        """
+        chunks = self.message_chunks(data)
+        if len(chunks) == 1:
+            frame = chunks[0]
+            if self.state is _OPEN and not self.paused and not self.batching:  # the common case
+                self.transport.write(frame)  # type: ignore[union-attr]
+            elif not self.send_frame(frame):
+                return False
+            size = len(frame)
+        else:
+            header, payload = chunks
+            if self.state is _OPEN and not self.paused and not self.batching:
+                self.transport.writelines(chunks)  # type: ignore[union-attr]
+            elif not self.send_frame(header, payload):
+                return False
+            size = len(header) + len(payload)
         stats = self.state_of_server.stats
         stats["messages_sent"] += 1
-        stats["bytes_sent"] += len(frame)
+        stats["bytes_sent"] += size
         return True
 
-    def send_frame(self, frame: bytes) -> bool:
-        """Write an encoded frame, or queue it if this client's read is running."""
+    def send_frame(self, frame: bytes, payload: bytes | None = None) -> bool:
+        """Write an encoded frame (or a header and its payload), or queue it if
+        this client's read is running."""
         if self.state is not State.OPEN and not (self.batching and self.closing_read):
             return False
         if self.paused:
             self._slow_consumer()
             return False
         if self.batching:
-            return self.queue(frame)
-        else:
-            transport = self.transport
-            assert transport is not None
+            return self.queue(frame, payload)
+        transport = self.transport
+        assert transport is not None
+        if payload is None:
             transport.write(frame)
+        else:
+            transport.writelines((frame, payload))
         return True
 
-    def queue(self, frame: bytes) -> bool:
+    def queue(self, frame: bytes, payload: bytes | None = None) -> bool:
         """Queue a frame for the read's one write, within ``write_limit`` (else 1008)."""
-        queued = self.queued + len(frame)
+        queued = self.queued + len(frame) + (len(payload) if payload is not None else 0)
         limit = self.state_of_server.options.limits.write_limit
         if queued > limit and self.state is State.OPEN:
             self._slow_consumer()
             return False
         self.queued = queued
         self.pending.append(frame)
+        if payload is not None:
+            self.pending.append(payload)
         return True
 
     def _slow_consumer(self) -> None:
