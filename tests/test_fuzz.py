@@ -179,6 +179,10 @@ class FakeTransport:
         assert not self.closed, "write after close"
         self.output += data
 
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
     def close(self) -> None:
         self.closed = True
 

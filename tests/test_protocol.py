@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -622,3 +623,59 @@ def test_the_core_decides_when_to_half_close_and_what_a_lost_transport_means() -
     ours.close(1001, "going")
     ours.transport_lost()
     assert ours.close_code == 1001  # a close we started keeps our code
+
+
+# ------------------------------------------------------ large messages: no copy
+
+
+def test_a_large_bytes_payload_is_written_next_to_its_header_not_copied() -> None:
+    from enjent.protocol import ZERO_COPY_MIN
+
+    protocol = ServerProtocol()
+    payload = bytes(range(256)) * (ZERO_COPY_MIN // 256 + 1)
+    header, body = protocol.message_chunks(payload)
+    assert body is payload  # the caller's immutable bytes, as they are
+    assert header + body == encode_frame(Opcode.BINARY, payload)
+    # a mutable buffer is copied once, now: changing it later changes nothing
+    buffer = bytearray(payload)
+    header, body = protocol.message_chunks(buffer)
+    assert type(body) is bytes and body == payload
+    buffer[0] ^= 0xFF
+    assert body == payload
+    # text is encoded, small messages stay one frame
+    text_header, text_body = protocol.message_chunks("é" * ZERO_COPY_MIN)
+    assert text_header + text_body == encode_frame(Opcode.TEXT, ("é" * ZERO_COPY_MIN).encode())
+    assert protocol.message_chunks(b"small") == (encode_frame(Opcode.BINARY, b"small"),)
+    assert protocol.encode_message(payload) == encode_frame(Opcode.BINARY, payload)
+
+
+def test_large_and_small_answers_of_one_read_keep_their_order() -> None:
+    """Queued during a read, written as buffers (vectored) or joined: the same bytes in order."""
+    import asyncio
+
+    from enjent import WebSocketServer
+
+    sizes = [5, 70_000, 3, 20_000, 17, 200_000, 1]
+
+    async def main() -> None:
+        server = WebSocketServer(ping_interval=None, compression=None, max_message_size=1 << 22)
+
+        @server.on_message
+        def answer(client: Any, message: Any) -> None:
+            for index, size in enumerate(sizes):
+                client.send(bytes([index]) * size)
+
+        await server.start("127.0.0.1", 0)
+        try:
+            from websockets.asyncio.client import connect
+
+            async with connect(f"ws://127.0.0.1:{server.port}/", max_size=None) as ws:
+                for _ in range(3):
+                    await ws.send("go")
+                    for index, size in enumerate(sizes):
+                        message = await asyncio.wait_for(ws.recv(), 5)
+                        assert message == bytes([index]) * size
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
