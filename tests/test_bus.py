@@ -562,3 +562,32 @@ def test_presence_queries_are_checked() -> None:
         assert count.total == 0
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(b"", id="empty"),  # found by the long fuzzing campaign
+        pytest.param(b"\x81", id="one-byte"),
+        pytest.param(b"\x81\x05abc", id="short"),
+        pytest.param(b"\x81\x02abc", id="long"),
+        pytest.param(b"\x81\x82abcdxy", id="masked"),
+        pytest.param(b"\x89\x00", id="ping"),
+        pytest.param(b"\x01\x01a", id="not-final"),
+        pytest.param(b"\x82\x7e\x00", id="cut-16-bit-length"),
+    ],
+)
+def test_a_broken_frame_on_the_bus_is_malformed_not_written(frame: bytes) -> None:
+    cluster, sub, server = make_client()
+    server.clients["0-self00-1"] = object()
+    feed(
+        cluster,
+        sub,
+        [bus.TOPIC_ALL, bus.encode(Kind.BROADCAST, 1, "p1", 1, frame, None)],
+        [bus.shard_topic(0), bus.encode(Kind.SEND, 1, "p1", 1, "0-self00-1", frame)],
+        [bus.room_topic("r"), bus.encode(Kind.ROOM, 1, "p1", 1, ["r"], frame, None, 1)],
+    )
+    assert cluster.counters["malformed"] == 3
+    assert server.written == []
+    with pytest.raises(BusError):
+        cluster._handle(bus.TOPIC_ALL, bus.encode(Kind.BROADCAST, 1, "p1", 2, frame, None))

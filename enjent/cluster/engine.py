@@ -500,12 +500,12 @@ class BusEngine:
         hub = self.hub
         if kind is Kind.BROADCAST:
             frame, exclude_id = fields
-            _check_bytes(frame)
+            _check_frame(frame)
             exclude = hub.get(exclude_id) if exclude_id else None
             hub.write_all(hub.clients.values(), OutgoingMessage.from_frame(frame), exclude)
         elif kind is Kind.ROOM:
             names, frame, exclude_id, message_id = fields
-            _check_bytes(frame)
+            _check_frame(frame)
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise BusError("ROOM envelope: names must be a list of str")
             if len(names) > 1:
@@ -520,7 +520,7 @@ class BusEngine:
             hub.deliver_rooms(names, OutgoingMessage.from_frame(frame), exclude)
         elif kind is Kind.SEND:
             client_id, frame = fields
-            _check_bytes(frame)
+            _check_frame(frame)
             client = hub.get(client_id)
             if client is None or not hub.write_all(
                 (client,), OutgoingMessage.from_frame(frame), None
@@ -614,6 +614,24 @@ class BusEngine:
             await asyncio.sleep(self.heartbeat_interval)
 
 
-def _check_bytes(value: Any) -> None:
-    if not isinstance(value, bytes):
-        raise BusError("frame field must be bytes")
+def _check_frame(value: Any) -> None:
+    """A frame from the bus is one whole, unmasked text or binary frame, or it is refused.
+
+    What the workers publish always is; anything else (a corrupted or foreign
+    envelope) is counted as malformed instead of being written to clients.
+    """
+    if not isinstance(value, bytes) or len(value) < 2:
+        raise BusError("frame field must be a whole frame (bytes)")
+    first, second = value[0], value[1]
+    if second & 0x80 or first & 0x0F not in (1, 2) or not first & 0x80:
+        raise BusError("a bus frame is one unmasked, final text or binary frame")
+    length = second & 0x7F
+    header = 2
+    if length == 126:
+        header = 4
+        length = int.from_bytes(value[2:4], "big")
+    elif length == 127:
+        header = 10
+        length = int.from_bytes(value[2:10], "big")
+    if len(value) < header or len(value) != header + length:
+        raise BusError("the frame's length does not match its header")
