@@ -548,20 +548,12 @@ class ServerProtocol:
         Compressed when permessage-deflate was negotiated and the message is
         worth it (RSV1 set, RFC 7692 §6). The one place that turns a
         message into a frame for a connection; a broadcast uses
-        :class:`OutgoingMessage` to encode once for many.
+        :class:`OutgoingMessage` to encode once for many. (The I/O layer
+        writes :meth:`message_chunks` instead, which never copies a large
+        payload into the frame; this is the same frame in one piece.)
         """
-        if type(data) is str:
-            opcode = _OPCODE_TEXT
-            payload: bytes | bytearray | memoryview = data.encode("utf-8")
-        elif isinstance(data, bytes | bytearray | memoryview):
-            opcode = _OPCODE_BINARY
-            payload = data
-        else:
-            raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
-        extension: Any = self.extension  # a PerMessageDeflate when negotiated
-        if extension is not None and extension.should_compress(len(payload)):
-            return encode_frame(opcode, extension.encode(bytes(payload)), rsv1=True)
-        return encode_frame(opcode, payload)
+        chunks = self.message_chunks(data)
+        return chunks[0] if len(chunks) == 1 else chunks[0] + chunks[1]
 
     def message_chunks(
         self, data: str | bytes | bytearray | memoryview
