@@ -299,9 +299,9 @@ class Client:
             await self.task
 
 
-async def open_client(port: int, timeout: float = 5.0) -> Client:
+async def open_client(port: int, timeout: float = 5.0, *, host: str = "127.0.0.1") -> Client:
     ws = await connect(
-        f"ws://127.0.0.1:{port}/",
+        f"ws://{host}:{port}/",
         open_timeout=timeout,
         close_timeout=2.0,
         ping_interval=None,

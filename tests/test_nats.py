@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from clusterutil import Client, close_all
+from clusterutil import Client, close_all, open_client
 from natsutil import EnjentHost, NatsNode, nats_server_binary, wait_until
 from websockets.asyncio.client import connect
 
@@ -83,14 +83,7 @@ def _received(host: EnjentHost) -> int:
 
 
 async def _client(host: EnjentHost) -> Client:
-    ws = await connect(
-        f"ws://{host.host}:{host.port}/", open_timeout=5, ping_interval=None, max_queue=None
-    )
-    client = Client(ws)
-    reply = await client.request("whoami")
-    assert isinstance(reply, str)
-    client.id = reply
-    return client
+    return await open_client(host.port, host=host.host)
 
 
 def test_parse_bus() -> None:

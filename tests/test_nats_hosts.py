@@ -38,9 +38,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from clusterutil import Client, close_all
+from clusterutil import Client, close_all, open_client
 from natsutil import EnjentHost, NatsNode, nats_server_binary, wait_until
-from websockets.asyncio.client import connect
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -164,14 +163,7 @@ def three_hosts() -> Iterator[tuple[Namespaces, list[NatsNode], list[EnjentHost]
 
 
 async def _client(host: EnjentHost) -> Client:
-    ws = await connect(
-        f"ws://{host.host}:{host.port}/", open_timeout=5, ping_interval=None, max_queue=None
-    )
-    client = Client(ws)
-    reply = await client.request("whoami")
-    assert isinstance(reply, str)
-    client.id = reply
-    return client
+    return await open_client(host.port, host=host.host)
 
 
 async def _in_thread(function: Callable[[], Any]) -> Any:
