@@ -6,6 +6,7 @@ Autobahn runs and ``loadtest`` drive it. Its limits default to the library's
 safe ones; the conformance runner and ``loadtest`` pass bigger ones.
 
     python examples/echo.py --host 127.0.0.1 --port 9001 [--workers N] [--bus nats://...]
+        [--ssl-certfile cert.pem --ssl-keyfile key.pem]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 
 from enjent import WebSocketClient, WebSocketServer
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of several hosts (ENJENT_BUS)",
     )
     parser.add_argument(
+        "--ssl-certfile", help="serve wss:// natively (TLS in Python's ssl) with this certificate"
+    )
+    parser.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument(
         "--health-detail",
         action="store_true",
         help="the health path also shows each worker's pid, bus and error counters",
@@ -91,7 +97,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"ENJENT_LOG_LEVEL must be debug, info, warning or error, got {args.log_level!r}"
         )
+    if args.ssl_keyfile and not args.ssl_certfile:
+        parser.error("--ssl-keyfile needs --ssl-certfile")
     return args
+
+
+def tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The server context of ``--ssl-certfile``/``--ssl-keyfile`` (None: plain TCP)."""
+    if certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.workers < 1:
         print("echo.py: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        context = tls_context(args.ssl_certfile, args.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        print(
+            f"echo.py: cannot use the TLS certificate {args.ssl_certfile}: {exc}", file=sys.stderr
+        )
         return 2
     server = build_server(
         max_message_size=args.max_message_size,
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         health_detail=args.health_detail,
     )
     try:
-        server.run(args.host, args.port, workers=args.workers, bus=args.bus)
+        server.run(args.host, args.port, workers=args.workers, bus=args.bus, ssl=context)
     except ValueError as exc:  # a --bus that is not zeromq or nats:// URLs
         print(f"echo.py: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -38,6 +40,7 @@ from loadtest.servers import (
     free_port,
     parse_cpus,
 )
+from loadtest.tls import CertificateError, make_certificate
 
 RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
 
@@ -138,8 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--offer-deflate",
         action="store_true",
-        help="clients offer permessage-deflate (RFC 7692) in the upgrade; connections "
-        "and handshake only (the clients decompress nothing)",
+        help="clients offer permessage-deflate (RFC 7692) and peers that can compress turn it "
+        "on; where agreed, echo and fanout send pre-compressed frames and count compressed "
+        "ones without inflating them (one client inflates and checks everything it gets)",
+    )
+    common.add_argument(
+        "--tls",
+        action="store_true",
+        help="wss://: every server gets a throwaway self-signed certificate (made with the "
+        "openssl command), clients trust only it",
     )
     conn = parser.add_argument_group("connections")
     conn.add_argument(
@@ -186,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop each size after this many messages (0: time only)",
     )
     echo.add_argument("--text", action="store_true", help="send text instead of binary")
+    echo.add_argument(
+        "--content",
+        choices=["random", "json"],
+        default="random",
+        help="echo and fanout bodies: random bytes (letters with --text), or json: "
+        "JSON-like text records that compress like real traffic (default random)",
+    )
     fan = parser.add_argument_group("fanout")
     fan.add_argument(
         "--broadcasts",
@@ -258,8 +275,6 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         client_cpus = frozenset(parse_cpus(args.client_cpus)) if args.client_cpus else None
     except ValueError as exc:
         parser.error(f"bad CPU list: {exc}")
-    if args.offer_deflate and args.scenario not in ("connections", "handshake"):
-        parser.error("--offer-deflate works with the connections and handshake scenarios only")
     if not 0 <= args.port < 65536:
         parser.error("--port must be in 0..65535")
     if args.port and (len(servers) > 1 or args.repeat > 1):
@@ -273,6 +288,8 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         clients=args.clients or DEFAULT_CLIENTS[args.scenario],
         repeat=args.repeat,
         offer_deflate=args.offer_deflate,
+        tls=args.tls,
+        content=args.content,
         server_args=tuple(args.server_arg),
         bus=args.bus,
         rate=args.rate,
@@ -371,11 +388,15 @@ async def _run_rounds(
 ) -> None:
     for repeat in range(cfg.repeat):
         for name in cfg.servers:
-            extra = cfg.server_args
+            kind = SERVERS[name]
+            extra = (
+                *kind.feature_args(deflate=cfg.offer_deflate, tls=cfg.tls_files),
+                *cfg.server_args,
+            )
             if name == "enjent" and bus_url is not None:
                 extra = (*extra, "--bus", bus_url)
             server = ServerProcess(
-                SERVERS[name],
+                kind,
                 cfg.host,
                 cfg.port or free_port(cfg.host),
                 cfg.workers,
@@ -427,6 +448,19 @@ async def _run_rounds(
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
+    if not cfg.tls:
+        return run_config(cfg)
+    with tempfile.TemporaryDirectory(prefix="loadtest-tls-") as directory:
+        try:
+            files = make_certificate(Path(directory))
+        except CertificateError as exc:
+            print(f"loadtest: {exc}", file=sys.stderr)
+            return 1
+        return run_config(dataclasses.replace(cfg, tls_files=files))
+
+
+def run_config(cfg: Config) -> int:
+    """Run every server of `cfg`, report, write the JSON (and chart); the exit status."""
     soft, hard = raise_fd_limit(cfg.clients + 256)
     if cfg.scenario != "handshake" and soft < cfg.clients + 64:
         print(

@@ -1,8 +1,9 @@
 """Raw WebSocket clients on asyncio Protocols, many per event loop, for load generation.
 
-Layer 5 of docs/architecture.md. One `WsClient` per connection (an `asyncio.Protocol` with
-`__slots__`, no task of its own) feeds bytes to `wire.FrameParser` and reports to a
-shared `ClientPool`, which each scenario subclasses to react to messages.
+Layer 5 of docs/architecture.md. One `WsClient` per connection (a streaming asyncio
+protocol with `__slots__`, no task of its own; `TlsWsClient` over TLS) feeds bytes to
+`wire.FrameParser` and reports to a shared `ClientPool`, which each scenario subclasses to
+react to messages.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import os
 import resource
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -84,12 +86,13 @@ def raise_fd_limit(needed: int) -> tuple[int, int]:
     return soft, hard
 
 
-class WsClient(asyncio.Protocol):
+class WsClient(asyncio.BaseProtocol):
     """One client connection: upgrade, then frames in and out (RFC 6455 §4 and §5)."""
 
     __slots__ = (
         "close_code",
         "data",
+        "deflate_bits",
         "error",
         "head",
         "host",
@@ -122,6 +125,8 @@ class WsClient(asyncio.Protocol):
         self.error: str | None = None
         self.waiter: asyncio.Future[bool] | None = None
         self.data: Any = None
+        #: permessage-deflate agreed: the window our compressed frames may use; 0: not agreed
+        self.deflate_bits = 0
         #: frames sent while a read is handled: written at its end, in one write
         self.outbox: list[bytes] | None = None
 
@@ -146,10 +151,11 @@ class WsClient(asyncio.Protocol):
                 if agreed is not None:
                     if self.pool.offer is None:
                         raise wire.ProtocolError(f"extension not offered: {agreed!r}")
+                    self.deflate_bits = wire.deflate_window_bits(agreed)
                     self.pool.extensions_agreed += 1
                 rest = bytes(self.head[end + 4 :])
                 self.head = bytearray()
-                self.parser = wire.FrameParser()
+                self.parser = wire.FrameParser(compressed=agreed is not None)
                 self.state = OPEN
                 self.t_open = time.perf_counter()
                 self.pool.on_open(self)
@@ -164,7 +170,7 @@ class WsClient(asyncio.Protocol):
             self.outbox = outbox
             try:
                 for opcode, payload in self.parser.feed(data):
-                    if opcode <= wire.Opcode.BINARY:
+                    if opcode & 0x0F <= wire.Opcode.BINARY:  # text or binary, maybe compressed
                         if self.state == OPEN:
                             self.pool.on_message(self, opcode, payload)
                     elif opcode == wire.Opcode.PING:
@@ -244,6 +250,24 @@ class WsClient(asyncio.Protocol):
             self.pool.on_server_close(self, code)
 
 
+#: The buffer every TLS client of the process decrypts its reads into.
+_tls_read_buffer = memoryview(bytearray(64 * 1024))
+
+
+class TlsWsClient(WsClient, asyncio.BufferedProtocol):
+    """A client over TLS, fed from one buffer shared by the process: uvloop gives a
+    streaming protocol each TLS read as a new 256 KiB `bytes` shrunk to size (an mmap and
+    munmap per read, which would make the load generator the bottleneck)."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _tls_read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_tls_read_buffer[:nbytes].tobytes())
+
+
 class ClientPool:
     """All the clients of one run and their counters; scenarios subclass the hooks."""
 
@@ -254,6 +278,9 @@ class ClientPool:
         self.offer: str | None = None
         #: Upgrades whose response agreed to an extension.
         self.extensions_agreed = 0
+        #: TLS (`--tls`): the client context, and the name its certificate is checked for.
+        self.ssl: ssl.SSLContext | None = None
+        self.server_hostname: str | None = None
         self.clients: list[WsClient] = []
         self.open_count = 0
         self.opened_total = 0
@@ -264,8 +291,12 @@ class ClientPool:
         self.handshake_times: list[float] = []
         self.on_change: Callable[[], None] | None = None
 
+    @property
+    def client_class(self) -> type[WsClient]:
+        return WsClient if self.ssl is None else TlsWsClient
+
     def new_client(self) -> WsClient:
-        client = WsClient(self, len(self.clients), self.host, self.port)
+        client = self.client_class(self, len(self.clients), self.host, self.port)
         self.clients.append(client)
         return client
 
@@ -308,11 +339,14 @@ class ClientPool:
         client.waiter = loop.create_future()
         try:
             async with asyncio.timeout(timeout):
+                tls: dict[str, Any] = {}
+                if self.ssl is not None:
+                    tls = {"ssl": self.ssl, "server_hostname": self.server_hostname}
                 if source is None:
-                    await loop.create_connection(lambda: client, self.host, self.port)
+                    await loop.create_connection(lambda: client, self.host, self.port, **tls)
                 else:
                     sock = await self._connect_from(source)
-                    await loop.create_connection(lambda: client, sock=sock)
+                    await loop.create_connection(lambda: client, sock=sock, **tls)
                 opened = await client.waiter
         except (OSError, TimeoutError) as exc:
             if client.transport is not None:

@@ -25,8 +25,16 @@ class Config:
     port: int = 0
     clients: int = 0
     repeat: int = 1
-    #: Clients offer permessage-deflate (connections and handshake scenarios only).
+    #: Clients offer permessage-deflate; where agreed, echo and fanout send pre-compressed
+    #: frames and count compressed ones without inflating them (one client checks).
     offer_deflate: bool = False
+    #: Clients speak TLS (wss://) to servers given a throwaway certificate.
+    tls: bool = False
+    #: The certificate and key of `tls`, made when the run starts.
+    tls_files: tuple[Path, Path] | None = None
+    #: Message bodies for echo and fanout: "random" bytes (letters with --text) or
+    #: "json", JSON-like text records (compress as real traffic does).
+    content: str = "random"
     #: Extra arguments appended to the server's command line (`--server-arg`).
     server_args: tuple[str, ...] = ()
     #: Enjent's bus: zeromq, nats (a local nats-server started here) or nats:// URLs.
@@ -73,5 +81,5 @@ class Config:
             elif isinstance(value, Path):
                 data[key] = str(value)
             elif isinstance(value, tuple):
-                data[key] = list(value)
+                data[key] = [str(item) if isinstance(item, Path) else item for item in value]
         return data

@@ -9,6 +9,7 @@ count and in time.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
@@ -23,6 +24,7 @@ from loadtest.config import Config
 from loadtest.measure import TreeSampler, latency_summary, percentile
 from loadtest.report import Progress, format_bytes
 from loadtest.servers import ServerProcess
+from loadtest.tls import SERVER_NAME, client_context
 
 BROADCAST_PREFIX = b"broadcast:"
 
@@ -121,9 +123,74 @@ def connection_metrics(pool: ClientPool, seconds: float) -> dict[str, float]:
     return metrics
 
 
-def offer_extensions(pool: ClientPool, cfg: Config) -> None:
+def prepare_pool(pool: ClientPool, cfg: Config) -> None:
+    """What every client of the run does alike: offer deflate (`--offer-deflate`), speak
+    TLS with the run's certificate (`--tls`)."""
     if cfg.offer_deflate:
         pool.offer = wire.DEFLATE_OFFER
+    if cfg.tls_files is not None:
+        pool.ssl = client_context(cfg.tls_files[0])
+        pool.server_hostname = SERVER_NAME
+
+
+_WORDS = (
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+)
+
+
+def json_like(rng: random.Random, size: int) -> bytes:
+    """`size` bytes of JSON text as an app sends it: a list of small records with
+    repeated keys, words, numbers and ids (deflate takes a 1 KiB one to about 40 %).
+    Valid JSON whenever `size` is at least 16; padded to the exact size in a last field.
+    """
+    records: list[str] = []
+    length = 2  # the list's brackets
+    while True:
+        record = json.dumps(
+            {
+                "id": rng.randrange(10**9),
+                "user": f"{rng.choice(_WORDS)}_{rng.randrange(1000)}",
+                "room": rng.choice(_WORDS),
+                "text": " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(2, 9))),
+                "score": round(rng.random() * 100, 2),
+                "ok": rng.random() < 0.5,
+            },
+            separators=(",", ":"),
+        )
+        if length + len(record) + 1 + 12 > size:
+            break
+        records.append(record)
+        length += len(record) + 1
+    body = "[" + ",".join(records) + ("," if records else "")
+    pad = size - len(body) - len('{"p":""}]')
+    if pad < 0:
+        return ("x" * size).encode()
+    return (body + '{"p":"' + "x" * pad + '"}]').encode()
 
 
 async def sleep_watching(seconds: float, server: ServerProcess, step: float = 0.2) -> bool:
@@ -158,7 +225,7 @@ async def run_connections(
     """Ramp to N idle clients at a set rate, hold, then measure memory and CPU."""
     result = RunResult(server.kind.name)
     pool = ClientPool(cfg.host, cfg.port or server.port)
-    offer_extensions(pool, cfg)
+    prepare_pool(pool, cfg)
     await asyncio.sleep(0.5)
     base = sampler.memory()
     series: list[list[float]] = [[0, base.uss, base.rss]]
@@ -208,15 +275,65 @@ async def run_connections(
 # echo -----------------------------------------------------------------------------------
 
 
+#: With --offer-deflate the echo cycles through distinct messages, this many bytes of
+#: them in all (at most ECHO_DISTINCT_MAX): more than a 32 KiB deflate window, so a server
+#: that keeps its compression context finds no copy of the message it compresses.
+ECHO_DISTINCT_BYTES = 128 * 1024
+ECHO_DISTINCT_MAX = 64
+
+
+def distinct_messages(cfg: Config, size: int) -> int:
+    """How many different messages one echo size cycles through (1 without deflate)."""
+    if not cfg.offer_deflate:
+        return 1
+    return max(1, min(ECHO_DISTINCT_MAX, -(-ECHO_DISTINCT_BYTES // max(size, 1))))
+
+
 class EchoPool(ClientPool):
-    """Closed loop: each echo received sends the next message (pipeline depth kept)."""
+    """Closed loop: each echo received sends the next message (pipeline depth kept).
+
+    Each client sends the messages in turn (one, or a cycle of distinct ones), each
+    framed and masked once in advance. Where permessage-deflate was agreed a client
+    sends them compressed once in advance too (`wire.deflate_message`) and counts
+    compressed echoes without inflating them; one such client, the checker, inflates
+    and compares every echo it gets.
+    """
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(host, port)
-        self.frame = b""
-        self.payload = b""
         self.opcode = wire.Opcode.BINARY
+        self.payloads: list[bytes] = [b""]
+        self.frames: list[bytes] = [b""]
+        #: the messages' compressed frames per window size agreed
+        self.deflated: dict[int, list[bytes]] = {}
+        self.mask = b"\0\0\0\0"
+        #: per client: the index of the next message to send, and of the next echo
+        self.next_sent: list[int] = []
+        self.next_echo: list[int] = []
+        self.checker: WsClient | None = None
+        self.inflater = wire.Inflater()
         self.reset()
+
+    def set_messages(self, opcode: int, payloads: list[bytes], mask: bytes | None) -> None:
+        self.opcode, self.payloads = opcode, payloads
+        self.frames = [wire.encode_frame(opcode, payload, mask=mask) for payload in payloads]
+        self.mask = mask or b"\0\0\0\0"
+        self.deflated = {}
+
+    def _deflated_frames(self, bits: int) -> list[bytes]:
+        frames = self.deflated.get(bits)
+        if frames is None:
+            frames = [
+                wire.encode_frame(
+                    self.opcode,
+                    wire.deflate_message(payload, bits),
+                    mask=self.mask,
+                    compressed=True,
+                )
+                for payload in self.payloads
+            ]
+            self.deflated[bits] = frames
+        return frames
 
     def reset(self) -> None:
         self.sending = False
@@ -227,23 +344,37 @@ class EchoPool(ClientPool):
         self.recorded = 0
         self.mismatched = 0
         self.unexpected = 0
+        self.compressed = 0
+        self.checked = 0
         self.latencies: list[float] = []
         self.drained = asyncio.Event()
 
     def start(self, depth: int) -> None:
         self.sending = True
+        count = len(self.clients)
+        # each client starts at its own place in the cycle
+        self.next_sent = [index % len(self.payloads) for index in range(count)]
+        self.next_echo = list(self.next_sent)
         for client in self.clients:
             if client.state != OPEN:
                 continue
             if client.data is None:
                 client.data = deque()
+            if client.deflate_bits:
+                self._deflated_frames(client.deflate_bits)
             for _ in range(depth):
                 if self.remaining == 0:
                     break
                 self._send(client, time.perf_counter())
 
     def _send(self, client: WsClient, now: float) -> None:
-        client.send_frame(self.frame)
+        frames = self.deflated[client.deflate_bits] if client.deflate_bits else self.frames
+        if len(frames) == 1:
+            client.send_frame(frames[0])
+        else:
+            index = self.next_sent[client.index]
+            self.next_sent[client.index] = (index + 1) % len(frames)
+            client.send_frame(frames[index])
         client.data.append(now)
         self.sent += 1
         if self.remaining > 0:
@@ -264,7 +395,22 @@ class EchoPool(ClientPool):
             return
         sent_at = pending.popleft()
         self.received += 1
-        if opcode != self.opcode or payload != self.payload:
+        payloads = self.payloads
+        if len(payloads) == 1:
+            expected = payloads[0]
+        else:
+            index = self.next_echo[client.index]
+            self.next_echo[client.index] = (index + 1) % len(payloads)
+            expected = payloads[index]
+        if opcode & wire.COMPRESSED:
+            self.compressed += 1
+            opcode &= 0x0F
+            if client is self.checker:
+                payload = self.inflater.inflate(payload)
+                self.checked += 1
+            else:
+                payload = expected  # counted, not inflated: the checker compares
+        if opcode != self.opcode or payload != expected:
             self.mismatched += 1
         if self.recording:
             self.recorded += 1
@@ -275,32 +421,42 @@ class EchoPool(ClientPool):
             self.drained.set()
 
 
+def echo_payloads(cfg: Config, rng: random.Random, size: int) -> tuple[int, list[bytes]]:
+    """The opcode and the message(s) of one echo size: `--content`, `--text`, and as
+    many distinct messages as `distinct_messages` says."""
+    payloads = []
+    for _ in range(distinct_messages(cfg, size)):
+        if cfg.content == "json":
+            payloads.append(json_like(rng, size))
+        elif cfg.text:
+            letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+            payloads.append("".join(rng.choice(letters) for _ in range(size)).encode())
+        else:
+            payloads.append(rng.randbytes(size))
+    text = cfg.content == "json" or cfg.text
+    return (wire.Opcode.TEXT if text else wire.Opcode.BINARY), payloads
+
+
 async def run_echo(
     cfg: Config, server: ServerProcess, sampler: TreeSampler, progress: Progress
 ) -> RunResult:
     """C clients echo in a closed loop at each message size: messages/s and round trips."""
     result = RunResult(server.kind.name)
     pool = EchoPool(cfg.host, cfg.port or server.port)
+    prepare_pool(pool, cfg)
     seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=0)
     result.metrics.update(connection_metrics(pool, seconds))
+    pool.checker = next((c for c in pool.clients if c.state == OPEN and c.deflate_bits), None)
     rng = random.Random(cfg.seed)
     per_size: dict[str, Any] = {}
     for size in cfg.sizes:
         if pool.open_count == 0 or not server.alive():
             break
-        if cfg.text:
-            letters = "abcdefghijklmnopqrstuvwxyz0123456789"
-            payload = "".join(rng.choice(letters) for _ in range(size)).encode()
-            opcode = wire.Opcode.TEXT
-        else:
-            payload = rng.randbytes(size)
-            opcode = wire.Opcode.BINARY
+        opcode, payloads = echo_payloads(cfg, rng, size)
         pool.reset()
-        pool.payload, pool.opcode = payload, opcode
         # the raw TCP echo writes back what it reads: unmasked, it comes back valid
         key = rng.randbytes(4)  # drawn for every server: the same payloads for all
-        mask = None if server.kind.name == "rawtcp" else key
-        pool.frame = wire.encode_frame(opcode, payload, mask=mask)
+        pool.set_messages(opcode, payloads, None if server.kind.name == "rawtcp" else key)
         if cfg.messages > 0:
             pool.remaining = cfg.messages
         label = format_bytes(size)
@@ -326,18 +482,40 @@ async def run_echo(
         result.check(pool.mismatched == 0, f"echo {label}: {pool.mismatched} echoes differed")
         result.check(pool.unexpected == 0, f"echo {label}: {pool.unexpected} unexpected messages")
         result.check(recorded > 0, f"echo {label}: no echo measured")
+        if pool.compressed:
+            result.check(
+                pool.checker is not None and pool.checked > 0,
+                f"echo {label}: compressed echoes came, none was inflated and checked",
+            )
         key = f"{size}B"
         metrics = {
             f"echo_{key}_messages_per_s": recorded / elapsed if elapsed > 0 else math.nan,
             **latency_summary(pool.latencies, f"echo_{key}_rtt"),
             f"echo_{key}_server_cpu_percent": stats["server_cpu_percent"],
+            # CPU time of the whole server tree per echo: what a message costs the server
+            # even when the load generator, not the server, limits the rate (TLS)
+            f"echo_{key}_server_cpu_us_per_message": (
+                stats["server_cpu_percent"] / 100 * elapsed / recorded * 1e6
+                if recorded
+                else math.nan
+            ),
             f"echo_{key}_loadgen_cpu_percent": stats["loadgen_cpu_percent"],
         }
+        if pool.offer is not None:
+            metrics[f"echo_{key}_compressed_fraction"] = pool.compressed / max(pool.received, 1)
         result.metrics.update(metrics)
         per_size[key] = {
             "sent": pool.sent,
             "received": pool.received,
             "measured": recorded,
+            "compressed": pool.compressed,
+            "checked_after_inflating": pool.checked,
+            "distinct_messages": len(payloads),
+            "frame_bytes": len(pool.frames[0]),
+            # the mean size of the compressed frames, per window size agreed
+            "compressed_frame_bytes": {
+                bits: sum(map(len, frames)) / len(frames) for bits, frames in pool.deflated.items()
+            },
             "window": stats,
         }
         result.series[f"rtt_{key}"] = quantiles(pool.latencies)
@@ -363,11 +541,21 @@ async def _wait_or_timeout(awaitable: Awaitable[Any], seconds: float) -> bool:
 
 
 class FanoutPool(ClientPool):
-    """Counts broadcast deliveries; when every client has one, the next is sent."""
+    """Counts broadcast deliveries; when every client has one, the next is sent.
+
+    A compressed broadcast (permessage-deflate agreed) is counted as the current one
+    without inflating it; the checker, one such client, inflates all it gets and checks
+    each broadcast's number and order.
+    """
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(host, port)
         self.frames: list[bytes] = []
+        #: the same requests, compressed in advance, for a sender that agreed deflate
+        self.deflated_frames: list[bytes] = []
+        self.checker: WsClient | None = None
+        self.inflater = wire.Inflater()
+        self.compressed = 0
         self.current = -1
         self.expected = 0
         self.count = 0
@@ -387,10 +575,18 @@ class FanoutPool(ClientPool):
         self.current = number
         self.count = 0
         self.sent_at = time.perf_counter()
-        self.sender.send_frame(self.frames[number])
+        frames = self.deflated_frames if self.sender.deflate_bits else self.frames
+        self.sender.send_frame(frames[number])
 
     def on_message(self, client: WsClient, opcode: int, payload: bytes) -> None:
         now = time.perf_counter()
+        if opcode & wire.COMPRESSED:
+            self.compressed += 1
+            opcode &= 0x0F
+            if client is not self.checker:
+                self._delivered(client, self.current, now)
+                return
+            payload = self.inflater.inflate(payload)
         try:
             number = int(payload[:8]) if opcode == wire.Opcode.TEXT else -1
         except ValueError:
@@ -398,6 +594,9 @@ class FanoutPool(ClientPool):
         if number != self.current:
             self.foreign += 1
             return
+        self._delivered(client, number, now)
+
+    def _delivered(self, client: WsClient, number: int, now: float) -> None:
         if client.data != number - 1:
             self.out_of_order += 1
         client.data = number
@@ -415,6 +614,7 @@ async def run_fanout(
     """One client asks M times for a broadcast to N clients, each after the last arrived."""
     result = RunResult(server.kind.name)
     pool = FanoutPool(cfg.host, cfg.port or server.port)
+    prepare_pool(pool, cfg)
     seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=0)
     result.metrics.update(connection_metrics(pool, seconds))
     connection_checks(result, pool, cfg.clients)
@@ -425,13 +625,22 @@ async def run_fanout(
     for client in open_clients:
         client.data = -1
     rng = random.Random(cfg.seed)
-    for number in range(cfg.broadcasts):
-        body = f"{number:08d}".ljust(max(cfg.payload, 8), "x").encode()
-        pool.frames.append(
-            wire.encode_frame(wire.Opcode.TEXT, BROADCAST_PREFIX + body, mask=rng.randbytes(4))
-        )
-    pool.expected = len(open_clients)
     pool.sender = open_clients[0]
+    pool.checker = next((c for c in reversed(open_clients) if c.deflate_bits), None)
+    for number in range(cfg.broadcasts):
+        if cfg.content == "json":
+            body = f"{number:08d}".encode() + json_like(rng, max(cfg.payload - 8, 0))
+        else:
+            body = f"{number:08d}".ljust(max(cfg.payload, 8), "x").encode()
+        mask = rng.randbytes(4)
+        request = BROADCAST_PREFIX + body
+        pool.frames.append(wire.encode_frame(wire.Opcode.TEXT, request, mask=mask))
+        if pool.sender.deflate_bits:
+            compressed = wire.deflate_message(request, pool.sender.deflate_bits)
+            pool.deflated_frames.append(
+                wire.encode_frame(wire.Opcode.TEXT, compressed, mask=mask, compressed=True)
+            )
+    pool.expected = len(open_clients)
     await asyncio.sleep(0.2)
     window = sampler.begin_window()
     started = time.perf_counter()
@@ -459,6 +668,11 @@ async def run_fanout(
     )
     result.check(pool.foreign == 0, f"{pool.foreign} messages that were not the current broadcast")
     result.check(pool.out_of_order == 0, f"{pool.out_of_order} broadcasts arrived out of order")
+    if pool.compressed:
+        result.check(
+            pool.checker is not None and pool.checker.data >= rounds - 1,
+            "compressed broadcasts came, but the checking client did not inflate them all",
+        )
     result.metrics.update(
         {
             "fanout_clients": pool.expected,
@@ -473,6 +687,11 @@ async def run_fanout(
                 else math.nan
             ),
             **latency_summary(pool.latencies, "fanout_last"),
+            **(
+                {"fanout_compressed_fraction": pool.compressed / max(pool.deliveries, 1)}
+                if pool.offer is not None
+                else {}
+            ),
             "server_cpu_percent": stats["server_cpu_percent"],
             "loadgen_cpu_percent": stats["loadgen_cpu_percent"],
         }
@@ -498,7 +717,7 @@ class HandshakePool(ClientPool):
 
     def new_client(self) -> WsClient:
         self.created += 1
-        return WsClient(self, self.created, self.host, self.port)
+        return self.client_class(self, self.created, self.host, self.port)
 
 
 async def run_handshake(
@@ -507,7 +726,7 @@ async def run_handshake(
     """Connect, upgrade, close, again: connections per second with K in flight."""
     result = RunResult(server.kind.name)
     pool = HandshakePool(cfg.host, cfg.port or server.port)
-    offer_extensions(pool, cfg)
+    prepare_pool(pool, cfg)
     sources = source_addresses(cfg.host, cfg.count, cfg.source_addresses)
     total = cfg.count
     end = time.monotonic() + min(cfg.duration if cfg.duration > 0 else math.inf, cfg.timeout)

@@ -36,6 +36,19 @@ class ServerKind:
     requires: str | None
     #: Whether `--workers` applies (peers run one process).
     multiprocess: bool
+    #: Whether it can negotiate permessage-deflate (`--offer-deflate` turns it on).
+    compresses: bool = False
+
+    def feature_args(self, *, deflate: bool, tls: tuple[Path, Path] | None) -> list[str]:
+        """What its command line needs for `--offer-deflate` and `--tls`: a peer's
+        compression is switched on (ours is on by default), every server gets the
+        certificate."""
+        args = []
+        if deflate and self.compresses and self.name != "enjent":
+            args += ["--compression", "deflate"]
+        if tls is not None:
+            args += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])]
+        return args
 
     def command(self, host: str, port: int, workers: int) -> list[str]:
         if self.name == "enjent":
@@ -67,9 +80,9 @@ class ServerKind:
 
 
 SERVERS: dict[str, ServerKind] = {
-    "enjent": ServerKind("enjent", None, multiprocess=True),
-    "websockets": ServerKind("websockets", "websockets", multiprocess=False),
-    "aiohttp": ServerKind("aiohttp", "aiohttp", multiprocess=False),
+    "enjent": ServerKind("enjent", None, multiprocess=True, compresses=True),
+    "websockets": ServerKind("websockets", "websockets", multiprocess=False, compresses=True),
+    "aiohttp": ServerKind("aiohttp", "aiohttp", multiprocess=False, compresses=True),
     "picows": ServerKind("picows", "picows", multiprocess=False),
     # not a WebSocket server: the echo's floor (loadtest sends it unmasked frames)
     "rawtcp": ServerKind("rawtcp", None, multiprocess=False),

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import struct
+import zlib
 from enum import IntEnum
 
 #: RFC 6455 §1.3: appended to Sec-WebSocket-Key before hashing.
@@ -58,6 +59,67 @@ def accept_for(key: bytes) -> bytes:
 
 #: The permessage-deflate offer of `--offer-deflate` (RFC 7692), as browsers send it.
 DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+
+#: Added to an opcode by `FrameParser.feed` for a message whose first frame had RSV1
+#: set: compressed with permessage-deflate (RFC 7692 §6), payload left as it came.
+COMPRESSED = 0x40
+
+#: RFC 7692 §7.2.1: the empty stored block every sync-flushed message ends with.
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+def deflate_window_bits(agreed: str) -> int:
+    """The window our compressor may use under the server's permessage-deflate answer:
+    its `client_max_window_bits` (RFC 7692 §7.1.2.2), 15 when it names none.
+
+    Raises ProtocolError for an answer that is not permessage-deflate or names a
+    window zlib's raw deflate cannot keep to (8 bits).
+    """
+    name, *params = [part.strip() for part in agreed.split(";")]
+    if name.lower() != "permessage-deflate":
+        raise ProtocolError(f"agreed to an extension not offered: {agreed!r}")
+    bits = 15
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "client_max_window_bits":
+            text = value.strip().strip('"')
+            if not text.isdigit() or not 8 <= int(text) <= 15:
+                raise ProtocolError(f"bad client_max_window_bits in {agreed!r}")
+            bits = int(text)
+    if bits < 9:
+        raise ProtocolError("client_max_window_bits=8: zlib's raw deflate needs 9 or more")
+    return bits
+
+
+def deflate_message(payload: bytes, window_bits: int = 15) -> bytes:
+    """One message as a client sends it compressed (RFC 7692 §7.2.1): raw deflate from
+    a fresh stream, sync-flushed, the 4-byte tail removed. A fresh stream refers to
+    nothing sent before, so the same bytes are valid as any message of a connection,
+    with or without context takeover, and the load generator compresses each shape once.
+    """
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
+    data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    if not data.endswith(DEFLATE_TAIL):
+        raise AssertionError("a sync flush ends with the empty stored block")
+    return data[: -len(DEFLATE_TAIL)]
+
+
+class Inflater:
+    """Decompresses the messages of one connection in order (RFC 7692 §7.2.2), for the
+    client that checks what a compressing server sends. One zlib stream with the
+    largest window decodes a server that resets its context or keeps it alike.
+    """
+
+    __slots__ = ("_stream",)
+
+    def __init__(self) -> None:
+        self._stream = zlib.decompressobj(-15)
+
+    def inflate(self, payload: bytes) -> bytes:
+        try:
+            return self._stream.decompress(payload + DEFLATE_TAIL)
+        except zlib.error as exc:
+            raise ProtocolError(f"a compressed message does not inflate: {exc}") from None
 
 
 def upgrade_request(
@@ -120,14 +182,20 @@ def mask_payload(payload: bytes, mask: bytes) -> bytes:
 
 
 def encode_frame(
-    opcode: int, payload: bytes, *, mask: bytes | None = None, fin: bool = True
+    opcode: int,
+    payload: bytes,
+    *,
+    mask: bytes | None = None,
+    fin: bool = True,
+    compressed: bool = False,
 ) -> bytes:
-    """One frame, RFC 6455 §5.2. Client frames carry a mask; pass one to build them.
+    """One frame, RFC 6455 §5.2. Client frames carry a mask; pass one to build them;
+    `compressed` sets RSV1 (a payload from `deflate_message`, RFC 7692 §6).
 
     The load generator builds each frame it sends repeatedly once and writes the same
     bytes many times, so the cost of masking here is paid once per message shape.
     """
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | (0x40 if compressed else 0) | opcode
     mask_bit = 0x80 if mask is not None else 0
     length = len(payload)
     if length < 126:
@@ -160,20 +228,30 @@ class FrameParser:
 
     `feed(data)` returns the complete messages as `(opcode, payload)`: data messages
     reassembled from their fragments (§5.4) with the opcode of the first fragment, and
-    control frames (§5.5) as they come, even between fragments. Any violation raises
+    control frames (§5.5) as they come, even between fragments. With `compressed`
+    (permessage-deflate agreed), a message whose first frame sets RSV1 comes with
+    `COMPRESSED` added to its opcode and its payload not inflated. Any violation raises
     ProtocolError: a masked server frame (§5.1), reserved bits without an extension,
     unknown opcodes, fragmented or oversized control frames, a continuation with
     nothing to continue, or a message over `max_message` bytes.
     """
 
-    __slots__ = ("_buffer", "_fragment_opcode", "_fragments", "_fragments_size", "max_message")
+    __slots__ = (
+        "_buffer",
+        "_fragment_opcode",
+        "_fragments",
+        "_fragments_size",
+        "compressed",
+        "max_message",
+    )
 
-    def __init__(self, *, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(self, *, max_message: int = DEFAULT_MAX_MESSAGE, compressed: bool = False) -> None:
         self._buffer = bytearray()
         self._fragments: list[bytes] = []
         self._fragment_opcode = -1
         self._fragments_size = 0
         self.max_message = max_message
+        self.compressed = compressed
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Consume `data`; return every message it completes, in order."""
@@ -191,8 +269,12 @@ class FrameParser:
             second = source[position + 1]
             if second & 0x80:
                 raise ProtocolError("server frames must not be masked (RFC 6455 §5.1)")
+            opcode = first & 0x0F
             if first & 0x70:
-                raise ProtocolError("reserved bits set without a negotiated extension")
+                # RSV1 on the first frame of a data message, when deflate was agreed
+                if not (self.compressed and first & 0x70 == 0x40 and 0 < opcode < 3):
+                    raise ProtocolError("reserved bits set without a negotiated extension")
+                opcode |= COMPRESSED
             length = second & 0x7F
             header = 2
             if length == 126:
@@ -215,8 +297,7 @@ class FrameParser:
             start = position + header
             payload = bytes(self._buffer[start:end]) if buffered else data[start:end]
             position = end
-            opcode = first & 0x0F
-            if first & 0x80 and 0 < opcode < 3 and self._fragment_opcode < 0:
+            if first & 0x80 and 0 < opcode & 0x0F < 3 and self._fragment_opcode < 0:
                 messages.append((opcode, payload))  # a whole data message, the usual frame
             else:
                 self._frame(first & 0x80, opcode, payload, messages)
@@ -228,7 +309,7 @@ class FrameParser:
         return messages
 
     def _frame(self, fin: int, opcode: int, payload: bytes, out: list[tuple[int, bytes]]) -> None:
-        if opcode >= 0x8:
+        if opcode & COMPRESSED == 0 and opcode >= 0x8:
             if opcode not in (Opcode.CLOSE, Opcode.PING, Opcode.PONG):
                 raise ProtocolError(f"unknown control opcode {opcode:#x}")
             if not fin or len(payload) > 125:
@@ -238,7 +319,7 @@ class FrameParser:
         if opcode == Opcode.CONTINUATION:
             if self._fragment_opcode < 0:
                 raise ProtocolError("continuation frame without a message to continue")
-        elif opcode in (Opcode.TEXT, Opcode.BINARY):
+        elif opcode & 0x0F in (Opcode.TEXT, Opcode.BINARY):
             if self._fragment_opcode >= 0:
                 raise ProtocolError("new data frame inside a fragmented message")
             if fin:

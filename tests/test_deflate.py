@@ -938,19 +938,6 @@ def test_loadtest_offer_deflate(tmp_path: Any, server_args: tuple[str, ...], agr
     assert run["server_command"][len(run["server_command"]) - len(passed) :] == passed
 
 
-def test_loadtest_offer_deflate_is_refused_where_clients_would_need_to_inflate() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "loadtest", "echo", "--offer-deflate"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert completed.returncode == 2
-    assert "--offer-deflate" in completed.stderr
-
-
 def test_node_ws_without_client_no_context_takeover_can_be_served() -> None:
     """Node ws with clientNoContextTakeover: false refuses a response imposing it."""
     offer = ["permessage-deflate; client_max_window_bits"]

@@ -10,8 +10,11 @@ import asyncio
 import importlib.util
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,89 @@ def test_parser_reassembles_fragments_around_a_ping_fed_byte_by_byte() -> None:
 def test_parser_rejects_protocol_violations(frame: bytes) -> None:
     with pytest.raises(wire.ProtocolError):
         wire.FrameParser().feed(frame)
+
+
+def test_compressed_messages_come_flagged_and_inflate_back() -> None:
+    """With deflate agreed, RSV1 on a first frame is the COMPRESSED flag, fragments and
+    all; the payload is left as it came and the Inflater gets the message back."""
+    message = json.dumps([{"user": "alpha", "n": index} for index in range(40)]).encode()
+    compressed = wire.deflate_message(message, 12)
+    assert len(compressed) < len(message) / 2
+    half = len(compressed) // 2
+    stream = (
+        wire.encode_frame(wire.Opcode.TEXT, compressed, compressed=True)
+        + wire.encode_frame(wire.Opcode.TEXT, compressed[:half], fin=False, compressed=True)
+        + wire.encode_frame(wire.Opcode.PING, b"p")
+        + wire.encode_frame(wire.Opcode.CONTINUATION, compressed[half:])
+        + wire.encode_frame(wire.Opcode.BINARY, b"plain")
+    )
+    parser = wire.FrameParser(compressed=True)
+    messages = []
+    for index in range(0, len(stream), 7):  # reads that cut frames anywhere
+        messages += parser.feed(stream[index : index + 7])
+    flagged = wire.Opcode.TEXT | wire.COMPRESSED
+    assert messages == [
+        (flagged, compressed),
+        (wire.Opcode.PING, b"p"),
+        (flagged, compressed),
+        (wire.Opcode.BINARY, b"plain"),
+    ]
+    inflater = wire.Inflater()  # one stream for the connection, as the checker keeps
+    assert inflater.inflate(compressed) == message
+    assert inflater.inflate(compressed) == message
+    with pytest.raises(wire.ProtocolError, match="does not inflate"):
+        wire.Inflater().inflate(b"\xff\xff\xff")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        bytes([0x80 | 0x40 | wire.Opcode.PING, 0]),  # RSV1 on a control frame
+        wire.encode_frame(wire.Opcode.TEXT, b"a", fin=False)
+        + bytes([0x80 | 0x40 | wire.Opcode.CONTINUATION, 0]),  # RSV1 on a continuation
+        bytes([0x80 | 0x20 | wire.Opcode.TEXT, 0]),  # RSV2: no extension uses it
+    ],
+)
+def test_deflate_allows_rsv1_on_first_data_frames_only(frame: bytes) -> None:
+    with pytest.raises(wire.ProtocolError):
+        wire.FrameParser(compressed=True).feed(frame)
+
+
+@pytest.mark.parametrize(
+    ("answer", "bits"),
+    [
+        ("permessage-deflate", 15),
+        ("permessage-deflate; server_no_context_takeover; client_max_window_bits=12", 12),
+        ('permessage-deflate; client_max_window_bits="10"', 10),
+    ],
+)
+def test_deflate_window_bits_follow_the_answer(answer: str, bits: int) -> None:
+    assert wire.deflate_window_bits(answer) == bits
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "x-webkit-deflate-frame",
+        "permessage-deflate; client_max_window_bits=8",
+        "permessage-deflate; client_max_window_bits=16",
+    ],
+)
+def test_deflate_answers_the_generator_cannot_keep_to_are_errors(answer: str) -> None:
+    with pytest.raises(wire.ProtocolError):
+        wire.deflate_window_bits(answer)
+
+
+def test_json_like_bodies_are_json_of_the_exact_size() -> None:
+    from loadtest.scenarios import json_like
+
+    rng = random.Random(1)
+    for size in (16, 100, 1024, 16384):
+        body = json_like(rng, size)
+        assert len(body) == size
+        records = json.loads(body)
+        assert isinstance(records, list)
+    assert len(zlib.compress(json_like(rng, 1024), 6)) < 700  # text that deflates, not noise
 
 
 def test_parser_enforces_message_limit() -> None:
@@ -410,6 +496,111 @@ def test_handshake_smoke(tmp_path: Path, server: str) -> None:
     assert run["details"]["clean_closes"] == 100
     assert_latencies(run["metrics"], "upgrade")
     assert_latencies(run["metrics"], "cycle")
+
+
+@pytest.mark.parametrize("server", servers())
+def test_echo_with_deflate_agreed_sends_and_counts_compressed_frames(
+    tmp_path: Path, server: str
+) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "echo",
+        "--server",
+        server,
+        "--offer-deflate",
+        "--content",
+        "json",
+        "--clients",
+        "6",
+        "--sizes",
+        "1k,16k",
+        "--messages",
+        "300",
+        "--warmup",
+        "0",
+        "--pipeline",
+        "2",
+        "--no-chart",
+    )
+    assert code == 0, output
+    run = only_run(document, server)
+    assert run["metrics"]["clients_with_extension"] == 6
+    for key, size in (("1024B", 1024), ("16384B", 16384)):
+        detail = run["details"]["sizes"][key]
+        assert detail["sent"] == detail["received"] == 300
+        # every echo came compressed, and the checker inflated and compared its own
+        assert detail["compressed"] == 300 and detail["checked_after_inflating"] > 0
+        assert detail["distinct_messages"] > 1
+        (mean,) = detail["compressed_frame_bytes"].values()
+        assert mean < size * 0.7
+        assert run["metrics"][f"echo_{key}_compressed_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("server", servers())
+def test_fanout_with_deflate_agreed_counts_compressed_broadcasts(
+    tmp_path: Path, server: str
+) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "fanout",
+        "--server",
+        server,
+        "--offer-deflate",
+        "--content",
+        "json",
+        "--payload",
+        "1024",
+        "--clients",
+        "15",
+        "--broadcasts",
+        "8",
+        "--no-chart",
+    )
+    assert code == 0, output
+    metrics = only_run(document, server)["metrics"]
+    assert metrics["fanout_deliveries"] == 8 * 15
+    assert metrics["fanout_compressed_fraction"] == 1.0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="--tls needs the openssl command")
+@pytest.mark.parametrize("server", servers())
+def test_echo_and_fanout_over_tls(tmp_path: Path, server: str) -> None:
+    code, document, output = run_loadtest(
+        tmp_path,
+        "echo",
+        "--server",
+        server,
+        "--tls",
+        "--clients",
+        "5",
+        "--sizes",
+        "100,200k",
+        "--messages",
+        "100",
+        "--warmup",
+        "0",
+        "--no-chart",
+    )
+    assert code == 0, output
+    run = only_run(document, server)
+    assert "--ssl-certfile" in run["server_command"]
+    for key in ("100B", "204800B"):
+        detail = run["details"]["sizes"][key]
+        assert detail["sent"] == detail["received"] == detail["measured"] == 100
+    code, document, output = run_loadtest(
+        tmp_path,
+        "fanout",
+        "--server",
+        server,
+        "--tls",
+        "--clients",
+        "10",
+        "--broadcasts",
+        "5",
+        "--no-chart",
+    )
+    assert code == 0, output
+    assert only_run(document, server)["metrics"]["fanout_deliveries"] == 50
 
 
 @pytest.mark.skipif(not HAS_WEBSOCKETS, reason="websockets is not installed")

@@ -23,7 +23,7 @@ from ..exceptions import WebSocketServerError
 from ..frames import CloseCode
 from ..http11 import Request
 from .client import WebSocketClient
-from .connection import Connection, ServerState
+from .connection import Connection, ServerState, TlsConnection
 from .handlers import Handlers
 from .hub import Hub, TrustedProxies
 from .keepalive import sweep_forever
@@ -112,6 +112,7 @@ class WebSocketServer(OptionAttributes):
         given = locals()  # exactly the keyword arguments above
         self.configure(**{name: given[name] for name in ServerOptions.names()})
         self._listener: asyncio.base_events.Server | None = None
+        self._connection_class: type[Connection] = Connection
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
         self._warned_clients = False
@@ -298,6 +299,7 @@ class WebSocketServer(OptionAttributes):
         loop = asyncio.get_running_loop()
         state = self._state
         state.now = loop.time()
+        self._connection_class = Connection if ssl is None else TlsConnection
         self._stopping = False
         state.fd_limit, self._policy.upgrade_limit = capacity(self.max_connections)
         try:
@@ -322,8 +324,8 @@ class WebSocketServer(OptionAttributes):
         logger.debug("listening on %s", ", ".join(str(s.getsockname()) for s in self.sockets))
 
     def new_connection(self) -> Connection:
-        """The ``asyncio.Protocol`` of one more client (``loop.create_server`` calls it)."""
-        return Connection(self._state)
+        """The asyncio protocol of one more client (``loop.create_server`` calls it)."""
+        return self._connection_class(self._state)
 
     @property
     def sockets(self) -> list[Any]:

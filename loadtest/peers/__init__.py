@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import ipaddress
 import signal
+import ssl
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -35,13 +36,27 @@ def parse_args(description: str) -> argparse.Namespace:
         "--compression",
         choices=["none", "deflate"],
         default="none",
-        help="permessage-deflate with the library's defaults (websockets peer only; default none)",
+        help="permessage-deflate with the library's defaults (websockets and aiohttp; "
+        "default none)",
     )
+    parser.add_argument("--ssl-certfile", help="serve TLS (wss://) with this certificate")
+    parser.add_argument("--ssl-keyfile", help="the certificate's private key")
     args = parser.parse_args()
+    if args.ssl_keyfile and not args.ssl_certfile:
+        parser.error("--ssl-keyfile needs --ssl-certfile")
     address = ipaddress.ip_address(args.host)
     if not (address.is_loopback):
         parser.error(f"--host {args.host} is not a loopback address")
     return args
+
+
+def server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of `--ssl-certfile`/`--ssl-keyfile`, or None for plain TCP."""
+    if not args.ssl_certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+    return context
 
 
 #: What a peer module provides: given its command line, an async context that

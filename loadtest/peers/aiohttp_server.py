@@ -1,7 +1,8 @@
 """The echo-and-broadcast app on aiohttp's WebSocket server.
 
 Layer 5 of docs/architecture.md: a second peer to compare Enjent with. Same contract as
-examples/echo.py; compression off and no heartbeat, as loadtest's clients use neither.
+examples/echo.py; no heartbeat, and compression off unless `--compression deflate`
+(then aiohttp's default permessage-deflate, each message compressed per client).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from contextlib import asynccontextmanager
 
 from aiohttp import WSMsgType, web
 
-from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer
+from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer, server_ssl
 
 CLIENTS: set[web.WebSocketResponse] = set()
+#: `--compression deflate`: whether the upgrade accepts permessage-deflate
+COMPRESS = web.AppKey("compress", bool)
 
 
 async def handler(request: web.Request) -> web.WebSocketResponse:
-    connection = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE)
+    connection = web.WebSocketResponse(compress=request.app[COMPRESS], max_msg_size=MAX_MESSAGE)
     await connection.prepare(request)
     CLIENTS.add(connection)
     try:
@@ -41,10 +44,11 @@ async def handler(request: web.Request) -> web.WebSocketResponse:
 @asynccontextmanager
 async def serving(args: argparse.Namespace) -> AsyncIterator[None]:
     app = web.Application()
+    app[COMPRESS] = args.compression == "deflate"
     app.router.add_get("/", handler)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, backlog=BACKLOG)
+    site = web.TCPSite(runner, args.host, args.port, backlog=BACKLOG, ssl_context=server_ssl(args))
     await site.start()
     try:
         yield

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer
+from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer, server_ssl
 
 CLIENTS: set[WSTransport] = set()
 _PREFIX = BROADCAST_PREFIX.encode()
@@ -51,7 +51,12 @@ def listener_factory(request: WSUpgradeRequest) -> EchoListener:
 @asynccontextmanager
 async def serving(args: argparse.Namespace) -> AsyncIterator[None]:
     server = await ws_create_server(
-        listener_factory, args.host, args.port, max_frame_size=MAX_MESSAGE, backlog=BACKLOG
+        listener_factory,
+        args.host,
+        args.port,
+        max_frame_size=MAX_MESSAGE,
+        backlog=BACKLOG,
+        ssl=server_ssl(args),
     )
     try:
         yield

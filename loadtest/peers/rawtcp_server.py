@@ -20,7 +20,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from loadtest.peers import BACKLOG, run_peer
+from loadtest.peers import BACKLOG, run_peer, server_ssl
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -66,7 +66,7 @@ class RawEcho(asyncio.Protocol):
 @asynccontextmanager
 async def serving(args: argparse.Namespace) -> AsyncIterator[object]:
     server = await asyncio.get_running_loop().create_server(
-        RawEcho, args.host, args.port, backlog=BACKLOG
+        RawEcho, args.host, args.port, backlog=BACKLOG, ssl=server_ssl(args)
     )
     try:
         yield server

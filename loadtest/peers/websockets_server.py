@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer
+from loadtest.peers import BACKLOG, BROADCAST_PREFIX, MAX_MESSAGE, run_peer, server_ssl
 
 CLIENTS: set[ServerConnection] = set()
 
@@ -40,6 +40,7 @@ async def serving(args: argparse.Namespace) -> AsyncIterator[None]:
         ping_interval=None,
         max_size=MAX_MESSAGE,
         backlog=BACKLOG,
+        ssl=server_ssl(args),
     ):
         yield
 
