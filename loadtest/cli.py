@@ -26,7 +26,12 @@ from typing import Any
 
 import psutil
 
-from loadtest.client import LoopbackOnlyError, check_loopback, raise_fd_limit
+from loadtest.client import (
+    LoopbackOnlyError,
+    check_loopback,
+    raise_fd_limit,
+    tune_loadgen_allocator,
+)
 from loadtest.config import DEFAULT_CLIENTS, SCENARIOS, Config
 from loadtest.measure import TreeSampler
 from loadtest.report import Progress, print_report, ratios, summarize, write_chart, write_json
@@ -448,6 +453,7 @@ async def _run_rounds(
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
+    tune_loadgen_allocator()
     if not cfg.tls:
         return run_config(cfg)
     with tempfile.TemporaryDirectory(prefix="loadtest-tls-") as directory:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import math
 import os
@@ -29,6 +30,25 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 CLIENTS_PER_SOURCE_ADDRESS = 25_000
 
 HANDSHAKING, OPEN, CLOSING, CLOSED = range(4)
+
+
+#: glibc's mallopt() parameters (malloc.h) and the load generator's settings: buffers of
+#: large messages come from the heap and stay there, instead of an mmap, page faults and
+#: a munmap for each (which made the load generator, not the server, the limit).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_LOADGEN_MALLOPT = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 256 << 20}
+
+
+def tune_loadgen_allocator() -> bool:
+    """Set `_LOADGEN_MALLOPT` in this process (glibc only; the servers it starts are
+    other programs and keep their own settings). True when every setting took."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return all(mallopt(key, value) == 1 for key, value in _LOADGEN_MALLOPT.items())
 
 
 class LoopbackOnlyError(ValueError):

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from enjent.cluster.natsbus import NatsConfig, host_shard_base
+from enjent.server.running import tune_allocator
 
 from .warmup import warm_up
 from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec, worker_main
@@ -141,6 +142,7 @@ class Arbiter:
 
     def run(self) -> int:
         """Serve until stopped; return the exit code (see the package docstring)."""
+        tune_allocator()  # before any fork: every worker inherits the settings
         try:
             self._reserve_port()
         except OSError as exc:

@@ -1093,3 +1093,40 @@ async def test_broadcast_to_compressed_and_uncompressed_clients() -> None:
         for ws in (deflated, plain):
             assert await recv(ws) == text
             assert await recv(ws) == b"\x00" * 5000
+
+
+TUNING_PROBE = """
+import ctypes
+from enjent.server.running import tune_allocator
+took = tune_allocator()
+buffers = [bytearray(1 << 20) for _ in range(4)]  # four 1 MiB buffers, as large messages
+with open("/proc/self/maps") as maps:
+    heap = [line.split()[0] for line in maps if line.rstrip().endswith("[heap]")]
+low, high = (int(part, 16) for part in heap[0].split("-"))
+addresses = [ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b)) for b in buffers]
+print(took, sum(low <= address < high for address in addresses))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize(("setting", "took"), [("", True), ("off", False)])
+def test_run_tunes_the_allocator_so_large_buffers_come_from_the_heap(
+    setting: str, took: bool
+) -> None:
+    """``tune_allocator()`` (called by ``run()`` and the supervisor): 1 MiB buffers
+    no longer get an mmap each; ``ENJENT_MALLOC_TUNING=off`` leaves glibc's defaults."""
+    env = {**os.environ, "ENJENT_MALLOC_TUNING": setting}
+    completed = subprocess.run(
+        [sys.executable, "-c", TUNING_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=True,
+    )
+    reported, in_heap = completed.stdout.split()
+    if reported == "False" and took:
+        pytest.skip("not glibc: mallopt did not take")
+    assert reported == str(took)
+    # tuned, the buffers are in the heap; glibc's default maps each one apart
+    assert int(in_heap) == (4 if took else 0), completed.stdout

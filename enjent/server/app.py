@@ -35,7 +35,7 @@ from .presence import Presence, check_query
 from .rooms import Room
 from .running import (
     capacity,
-    configure_default_logging,
+    prepare_process,
     refuse_inside_a_loop,
     refuse_while_importing,
     run_event_loop,
@@ -411,7 +411,7 @@ class WebSocketServer(OptionAttributes):
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         refuse_while_importing("run()")
         refuse_inside_a_loop()
-        configure_default_logging()
+        prepare_process()
         if workers > 1 or bus not in (None, "", "zeromq"):
             # the supervisor and the engines are layers 3-4: imported when asked for
             config = importlib.import_module("enjent.cluster.natsbus").parse_bus(bus)
