@@ -393,6 +393,37 @@ async def _clients_at_most(client: ClientConnection, limit: int) -> dict[str, in
     return data if data["clients"] <= limit else None
 
 
+def test_a_refused_client_still_sending_gets_its_answer(start_server: Any) -> None:
+    """A head over the limit, and the client goes on sending: the 431 must still arrive.
+
+    Closing at once with the client's bytes unread makes the kernel answer RST, which can
+    destroy the answer before the client reads it; the server half-closes instead, drops
+    what still comes and closes on the client's EOF (or after close_timeout).
+    """
+    server = start_server()
+
+    async def main() -> None:
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(upgrade_request()[:-2] + b"X: " + b"y" * 40000)
+            for _ in range(10):  # still sending after the refusal
+                writer.write(b"y" * 16384)
+                with contextlib.suppress(ConnectionError):
+                    await asyncio.wait_for(writer.drain(), 2)
+                await asyncio.sleep(0.005)
+            answer = b""
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+            assert answer.startswith(b"HTTP/1.1 431"), answer
+            rest = await asyncio.wait_for(reader.read(), 5)  # the whole answer, then FIN
+            assert b"\r\n\r\n" in rest, rest
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    run(main())
+
+
 def test_oversized_request_line_and_headers_get_414_and_431(start_server: Any) -> None:
     server = start_server()
 

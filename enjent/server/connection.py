@@ -204,7 +204,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
     def data_received(self, data: bytes) -> None:
         self.active = True
         if self.client is None:
-            self._receive_handshake(data)
+            if not self.closing_since:  # else refused, lingering: dropped
+                self._receive_handshake(data)
             return
         events = self.receive_data(data)
         state = self.state_of_server
@@ -402,7 +403,16 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             if request is not None and request.method == "HEAD":
                 response = without_body(response)
             transport.write(response)
-            transport.close()
+            if not transport.can_write_eof():
+                transport.close()
+                return
+            # a lingering close: the client may still be sending (a head over
+            # the limit), and closing with its bytes unread would make the
+            # kernel answer RST, which can destroy the response before it is
+            # read. FIN after the response, drop what still comes, close on
+            # the client's EOF or after close_timeout (the sweep)
+            transport.write_eof()
+            self.closing_since = asyncio.get_running_loop().time()
 
     # ------------------------------------------------------------- output
 

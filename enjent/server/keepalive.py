@@ -35,7 +35,10 @@ def sweep(state: ServerState, now: float) -> None:
         if transport is None:
             continue
         if connection.client is None:
-            if now - connection.opened_at > handshake_timeout:
+            if connection.closing_since:  # refused, lingering until the client's EOF
+                if now - connection.closing_since > close_timeout:
+                    transport.abort()
+            elif now - connection.opened_at > handshake_timeout:
                 stats["handshake_timeouts"] += 1
                 transport.abort()
             continue
