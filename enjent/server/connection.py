@@ -403,11 +403,11 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             if request is not None and request.method == "HEAD":
                 response = without_body(response)
             transport.write(response)
-            if not transport.can_write_eof():
-                transport.close()
+            if request is not None or not transport.can_write_eof():
+                transport.close()  # a whole request was read: nothing left unread
                 return
-            # a lingering close: the client may still be sending (a head over
-            # the limit), and closing with its bytes unread would make the
+            # a lingering close: a head that is malformed or over the limit may
+            # still be coming, and closing with its bytes unread would make the
             # kernel answer RST, which can destroy the response before it is
             # read. FIN after the response, drop what still comes, close on
             # the client's EOF or after close_timeout (the sweep)
