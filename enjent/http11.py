@@ -8,6 +8,7 @@ costs at most ``max_request_size`` bytes of buffer before it is refused.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any, TypeVar, overload
@@ -152,7 +153,8 @@ class Request:
 
     ``path`` is percent-decoded and excludes the query string; ``query``
     holds the query string parsed (repeated keys kept); ``cookies`` the
-    ``Cookie`` header parsed. ``remote_address`` is filled in by the server.
+    ``Cookie`` header parsed. ``remote_address`` is filled in by the server
+    (the TCP peer: ``(host, port)``, with IPv6's flow and scope too).
 
     Memory: a connected client keeps its request for its whole life, so
     once the handshake is done the server calls :meth:`compact`, which keeps
@@ -163,13 +165,16 @@ class Request:
     __slots__ = (
         "_cookies",
         "_headers",
+        "_peer",
+        "_port",
         "_query",
         "_raw_headers",
         "method",
-        "remote_address",
         "target",
         "version",
     )
+    _peer: Any  # the host (interned), or the whole address when not (host, port)
+    _port: int
 
     def __init__(
         self,
@@ -191,6 +196,26 @@ class Request:
         self._raw_headers = raw_headers
         self._query: MultiDict | None = None
         self._cookies: dict[str, str] | None = None
+
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        """The TCP peer, ``(host, port)`` (IPv6: with flow and scope), or ``None``."""
+        peer = self._peer
+        if peer is None or type(peer) is tuple:
+            return peer
+        return (peer, self._port)
+
+    @remote_address.setter
+    def remote_address(self, peer: tuple[Any, ...] | None) -> None:
+        # kept as its parts, the host interned: clients behind one proxy or
+        # NAT share one copy of their address, and no tuple is kept per
+        # connection (an idle connection's memory is the figure that counts)
+        if peer and len(peer) == 2 and type(peer[0]) is str:
+            self._peer = sys.intern(peer[0])
+            self._port = peer[1]
+        else:
+            self._peer = tuple(peer) if peer else None
+            self._port = 0
 
     @property
     def headers(self) -> Headers:

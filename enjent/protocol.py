@@ -4,8 +4,9 @@ Protocol core (layer 1 of docs/architecture.md): bytes in, events and bytes out,
 :meth:`ServerProtocol.receive_data` parses every complete frame of a read in
 one pass, answers pings, runs the close handshake and validates UTF-8; bytes
 to write accumulate in :attr:`ServerProtocol.pending`, which the I/O layer
-joins into one write per read. A protocol error never escapes: it becomes a
-close frame and a :class:`Close` event.
+takes (:meth:`ServerProtocol.chunks_to_send`) and writes, one write per read.
+A protocol error never escapes: it becomes a close frame and a :class:`Close`
+event.
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ class ServerProtocol:
         self.max_message_size = max_message_size
         self.extension = extension
         self.state = State.OPEN
-        #: Frames to write, in order; the I/O layer joins and clears it.
-        self.pending: list[bytes] = []
+        #: Frames to write, in order, or ``None`` while there are none (an
+        #: idle connection keeps no empty list); add with :meth:`queue_frame`,
+        #: take with :meth:`chunks_to_send`.
+        self.pending: list[bytes] | None = None
         #: Our close frame once the read that ended the connection is parsed;
         #: written after the answers to the messages that read delivered.
         self._close_frame: bytes | None = None
@@ -352,7 +355,7 @@ class ServerProtocol:
                     events.append(message)
             elif opcode == _OPCODE_PING:
                 if self.state is State.OPEN:
-                    self.pending.append(encode_frame(_OPCODE_PONG, payload))
+                    self.queue_frame(encode_frame(_OPCODE_PONG, payload))
                 events.append(Ping(payload))
             elif opcode == _OPCODE_PONG:
                 events.append(Pong(payload))
@@ -523,7 +526,7 @@ class ServerProtocol:
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (RFC 6455 §7.1.2); idempotent."""
         if self.state is State.OPEN:
-            self.pending.append(encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason)))
+            self.queue_frame(encode_frame(_OPCODE_CLOSE, encode_close_payload(code, reason)))
             self.state = State.CLOSING
             self.close_code = code
             self.close_reason = reason
@@ -609,7 +612,7 @@ class ServerProtocol:
             self.close_code = CloseCode.ABNORMAL_CLOSURE
             self.close_reason = ""
         self.state = State.CLOSED
-        self.pending.clear()
+        self.pending = None
         self._close_frame = None
         self._eof_due = False
 
@@ -620,15 +623,23 @@ class ServerProtocol:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def queue_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame (or a payload after its header) to write, after the others."""
+        pending = self.pending
+        if pending is None:
+            self.pending = [frame]
+        else:
+            pending.append(frame)
+
     def chunks_to_send(self) -> list[bytes]:
         """Everything queued since the last call, as the buffers of one vectored write."""
-        pending = self.pending
         if self._close_frame is not None:
-            pending.append(self._close_frame)
+            self.queue_frame(self._close_frame)
             self._close_frame = None
-        if not pending:
-            return pending
-        self.pending = []
+        pending = self.pending
+        if pending is None:
+            return []
+        self.pending = None
         return pending
 
 

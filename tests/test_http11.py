@@ -437,3 +437,17 @@ def test_arbitrary_bytes_only_raise_negotiation_errors(data: st.DataObject, payl
         assert incremental == whole
     if incremental is None:
         assert whole is None
+
+
+def test_remote_address_is_kept_as_an_interned_host_and_a_port() -> None:
+    host = "".join(["127.0.", "0.1"])  # built at run time: not the interned literal
+    first = Request("GET", "/", remote_address=(host, 50_001))
+    second = Request("GET", "/", remote_address=("".join(["127.0.", "0.1"]), 50_002))
+    assert first.remote_address == ("127.0.0.1", 50_001)
+    assert second.remote_address == ("127.0.0.1", 50_002)
+    assert first.remote_address[0] is second.remote_address[0]  # one copy for both
+    ipv6 = ("::1", 443, 0, 0)
+    assert Request("GET", "/", remote_address=ipv6).remote_address == ipv6
+    assert Request("GET", "/").remote_address is None
+    first.remote_address = None
+    assert first.remote_address is None

@@ -322,7 +322,7 @@ def test_messages_before_a_protocol_error_are_delivered_and_the_close_comes_last
     assert len(events) == 4
     assert protocol.closing_read
     # an answer queued by the I/O layer after the read still precedes the close
-    protocol.pending.append(encode_frame(Opcode.TEXT, b"echo"))
+    protocol.queue_frame(encode_frame(Opcode.TEXT, b"echo"))
     frames = server_frames(protocol.data_to_send())
     assert frames == [
         (Opcode.PONG, b"pp"),

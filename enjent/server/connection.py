@@ -15,7 +15,6 @@ import asyncio
 import collections
 import inspect
 import logging
-import sys
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import WebSocketNegotiationError
@@ -341,10 +340,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             request, consumed = parsed
             self._head = b""
             assert self.transport is not None
-            peer = self.transport.get_extra_info("peername")
-            if peer:  # many clients share an address (a proxy): keep one copy of it
-                peer = (sys.intern(peer[0]), *peer[1:])
-            request.remote_address = peer
+            # kept as (interned host, port): see Request.remote_address
+            request.remote_address = self.transport.get_extra_info("peername")
             response, client, extension = state.policy.answer(
                 request, open_connections=len(state.connections)
             )
@@ -431,7 +428,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         if self.backlog is not None:  # messages read before a close are still to come
             if pending:
                 write_chunks(transport, pending)
-                self.pending = []
+                self.pending = None
             return
         if pending or self.state is State.CLOSED:
             chunks = self.chunks_to_send()
@@ -507,9 +504,13 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             self._slow_consumer()
             return False
         self.queued = queued
-        self.pending.append(frame)
-        if payload is not None:
-            self.pending.append(payload)
+        pending = self.pending
+        if pending is None:
+            self.pending = [frame] if payload is None else [frame, payload]
+        else:
+            pending.append(frame)
+            if payload is not None:
+                pending.append(payload)
         return True
 
     def _slow_consumer(self) -> None:
