@@ -163,11 +163,10 @@ class Request:
     """
 
     __slots__ = (
-        "_cookies",
         "_headers",
+        "_parsed",
         "_peer",
         "_port",
-        "_query",
         "_raw_headers",
         "method",
         "target",
@@ -194,8 +193,9 @@ class Request:
         self.remote_address = remote_address
         self._headers = headers
         self._raw_headers = raw_headers
-        self._query: MultiDict | None = None
-        self._cookies: dict[str, str] | None = None
+        #: [query, cookies] once either was read (one slot for both: every
+        #: connected client keeps its request)
+        self._parsed: list[Any] | None = None
 
     @property
     def remote_address(self) -> tuple[str, int] | None:
@@ -239,17 +239,23 @@ class Request:
     @property
     def query(self) -> MultiDict:
         """The query string parsed; ``query["key"]`` is the first value."""
-        query = self._query
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = [None, None]
+        query: MultiDict | None = parsed[0]
         if query is None:
-            query = self._query = MultiDict(parse_qsl(self.query_string, keep_blank_values=True))
+            query = parsed[0] = MultiDict(parse_qsl(self.query_string, keep_blank_values=True))
         return query
 
     @property
     def cookies(self) -> dict[str, str]:
         """The ``Cookie`` header parsed (the first value of each name)."""
-        cookies = self._cookies
+        parsed = self._parsed
+        if parsed is None:
+            parsed = self._parsed = [None, None]
+        cookies: dict[str, str] | None = parsed[1]
         if cookies is None:
-            cookies = self._cookies = _parse_cookies(self.headers.get_all("Cookie"))
+            cookies = parsed[1] = _parse_cookies(self.headers.get_all("Cookie"))
         return cookies
 
     @property
@@ -261,8 +267,7 @@ class Request:
         """Drop what can be parsed again from the raw header bytes."""
         if self._raw_headers is not None:
             self._headers = None
-            self._query = None
-            self._cookies = None
+            self._parsed = None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target}>"

@@ -123,15 +123,19 @@ def test_two_hosts_are_one_logical_server(
             assert await first[1].request(f"send:{second[2].id}:psst") == "sent:True"
             assert await second[2].next() == "psst"
 
-            # counts and presence span hosts
+            # counts and presence span hosts; each worker's figure is
+            # eventually consistent (heartbeats, 1 s apart here): one worker
+            # seeing 12 does not mean every other one does yet, but all of
+            # them do within two heartbeat intervals
             async def counted() -> bool:
-                return await second[0].request("count") == "12"
+                return all([await c.request("count") == "12" for c in (second[0], first[0])])
 
             for _ in range(60):
                 if await counted():
                     break
                 await asyncio.sleep(0.1)
             assert await first[0].request("count") == "12"
+            assert await second[0].request("count") == "12"
             answer = await first[3].request("presence")
             total, rows, workers, missing = str(answer).split()
             assert (total, rows, missing) == ("12", "12", "-"), answer

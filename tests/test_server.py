@@ -48,6 +48,7 @@ from enjent import (
     WebSocketServer,
     WebSocketServerError,
 )
+from enjent.frames import encode_frame
 
 # ------------------------------------------------------------------ helpers
 
@@ -920,6 +921,37 @@ async def test_stop_closes_connections_still_in_the_handshake() -> None:
     await server.stop()
     assert await asyncio.wait_for(reader.read(), 2) == b""
     writer.close()
+
+
+@async_test
+async def test_connection_count_covers_handshakes_clients_and_closings() -> None:
+    # a client's connection is registered once (in the hub); handshakes and
+    # closings that outlive their client are counted and swept as well
+    server = WebSocketServer(ping_interval=None, close_timeout=0.3, sweep_interval=0.1)
+    async with server.serve(HOST, 0):
+        _r, handshaking = await asyncio.open_connection(HOST, server.port)
+        handshaking.write(b"GET / HTTP/1.1\r\n")
+        await eventually(lambda: server.connection_count == 1)
+        async with ws_connect(server):
+            await eventually(lambda: (server.connection_count, server.client_count) == (2, 1))
+        await eventually(lambda: (server.connection_count, server.client_count) == (1, 0))
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        writer.write(upgrade_request())
+        await reader.readuntil(b"\r\n\r\n")
+        await eventually(lambda: (server.connection_count, server.client_count) == (2, 1))
+        # close handshake from the client, whose socket then stays open: the
+        # server half-closes, the client is gone, the connection lingers
+        writer.write(encode_frame(8, (1000).to_bytes(2, "big"), mask=os.urandom(4)))
+        frames = parse_server_frames(await asyncio.wait_for(reader.read(), 2))
+        assert [opcode for opcode, _ in frames] == [8]
+        assert server.client_count == 0
+        assert server.connection_count == 2
+        # the sweep aborts it after close_timeout, and the stalled handshake
+        # after handshake_timeout (10 s) is not due yet
+        await eventually(lambda: server.connection_count == 1, timeout=3)
+        writer.close()
+        handshaking.close()
+        await eventually(lambda: server.connection_count == 0)
 
 
 # -------------------------------------------------- disconnect, close codes

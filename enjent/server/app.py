@@ -215,7 +215,7 @@ class WebSocketServer(OptionAttributes):
     @property
     def connection_count(self) -> int:
         """Open TCP connections of this process, handshakes in progress included."""
-        return len(self._state.connections)
+        return self._state.open_connections()
 
     @property
     def client_count(self) -> int:
@@ -350,19 +350,19 @@ class WebSocketServer(OptionAttributes):
         self._stopping = True
         timeout = self.close_timeout if close_timeout is None else close_timeout
         loop = asyncio.get_running_loop()
-        connections = self._state.connections
+        state = self._state
         if self._listener is not None:
             self._listener.close()
-        for connection in list(connections):
+        for connection in state.all_connections():
             if connection.client is None:
                 if connection.transport is not None:
                     connection.transport.close()
             else:
                 connection.close_websocket(CloseCode.GOING_AWAY, "server shutting down")
         deadline = loop.time() + timeout
-        while connections and loop.time() < deadline:
+        while state.open_connections() and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for connection in list(connections):
+        for connection in state.all_connections():
             if connection.transport is not None:
                 connection.transport.abort()
         await asyncio.sleep(0)

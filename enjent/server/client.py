@@ -23,13 +23,30 @@ if TYPE_CHECKING:
 __all__ = ["WebSocketClient"]
 
 
+_wall_time = 0.0
+
+
+def _recent_wall_time() -> float:
+    """``time.time()``, as one ``float`` shared by the calls of 10 ms.
+
+    Every connected client keeps its handshake time: in a burst of
+    connections, one object for all of them instead of 24 bytes each.
+    """
+    global _wall_time
+    now = time.time()
+    if now - _wall_time >= 0.01:
+        _wall_time = now
+    return _wall_time
+
+
 class WebSocketClient:
     """A client connected to this server (on this process).
 
     Attributes set by the server once the handshake succeeds:
 
     - ``id``: unique across the cluster (it names the worker that owns it);
-    - ``connected_at``: UNIX time of the handshake;
+    - ``connected_at``: UNIX time of the handshake (within 10 ms: the clients
+      of a burst share one timestamp object);
     - ``request``: the :class:`~enjent.Request` of the opening handshake;
     - ``subprotocol``: the negotiated subprotocol, or ``None``;
     - ``data``: whatever the ``on_handshake`` hook attached (default ``None``).
@@ -54,7 +71,7 @@ class WebSocketClient:
     def __init__(self, request: Request) -> None:
         self.request = request
         self.id = ""
-        self.connected_at = time.time()
+        self.connected_at = _recent_wall_time()
         self.subprotocol: str | None = None
         self.data: Any = None
         #: The connection this client is served on (``None`` before the handshake).

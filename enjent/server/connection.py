@@ -66,12 +66,14 @@ class ServerState:
     """What a connection needs of its server (never the server itself).
 
     The options in force, the handshake policy, the hub of clients, the
-    handlers, the set of open connections, the counters, and ``now``: the
-    loop time of the last sweep, a clock without a system call.
+    handlers, the open connections, the counters, and ``now``: the
+    loop time of the last sweep (or of a recent connection), a clock without
+    a system call.
     """
 
     __slots__ = (
         "_last_capacity_warning",
+        "batch_queued",
         "closing",
         "connections",
         "fd_limit",
@@ -96,13 +98,46 @@ class ServerState:
         self.hub = hub
         self.handlers = handlers
         self.stats = stats
+        #: The open connections that are not a client in the hub: handshakes in
+        #: progress, refusals and answers going out, closings after the client
+        #: left. A client's connection is found through the hub instead (one
+        #: registry entry per client, not two).
         self.connections: set[Connection] = set()
         #: transports whose peer hung up, closed a batch per loop turn (close_soon)
         self.closing: collections.deque[asyncio.BaseTransport] = collections.deque()
         self.now = 0.0
+        #: bytes queued by the read being handled (answers to that client's
+        #: own messages), counted toward its ``write_limit`` as the transport's
+        #: are: one per process, as one read at a time is handled
+        self.batch_queued = 0
         #: Connections at most, handshakes included (set at start from RLIMIT_NOFILE)
         self.fd_limit = 1 << 30
         self._last_capacity_warning = -60.0
+
+    def open_connections(self) -> int:
+        """Open TCP connections, handshakes included."""
+        return len(self.connections) + self.hub.count
+
+    def all_connections(self) -> list[Connection]:
+        """Every open connection: those of the hub's clients, then the others."""
+        everyone = [
+            connection
+            for client in self.hub.clients.values()
+            if (connection := client.connection) is not None
+        ]
+        everyone.extend(self.connections)
+        return everyone
+
+    def recent_time(self) -> float:
+        """The loop's time, as one ``float`` shared by the calls of 10 ms.
+
+        A connection keeps the time it opened: in a burst of connections,
+        one object for all of them instead of 24 bytes each.
+        """
+        now = asyncio.get_running_loop().time()
+        if now - self.now >= 0.01:
+            self.now = now
+        return self.now
 
     def close_soon(self, transport: asyncio.BaseTransport) -> None:
         """Close ``transport`` on a later turn of the loop, at most CLOSE_BATCH per turn.
@@ -132,7 +167,7 @@ class ServerState:
             logger.warning(
                 "%d connections open, at the limit of %d (RLIMIT_NOFILE less a reserve): "
                 "refusing new ones with 503 (counted as connections_refused)",
-                len(self.connections) - 1,
+                self.open_connections() - 1,
                 self.fd_limit,
             )
 
@@ -150,10 +185,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         "client",
         "closing_since",
         "last_seen",
-        "opened_at",
         "paused",
         "ping_sent_at",
-        "queued",
         "state_of_server",
         "transport",
     )
@@ -169,15 +202,13 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         self.batching = False
         #: True while the transport's buffer is over ``write_limit``
         self.paused = False
-        #: bytes queued by the read in progress (answers to this client's own
-        #: messages): they count toward ``write_limit`` as the transport's do
-        self.queued = 0
         #: messages read but not handled yet (see _dispatch), or None
         self.backlog: list[Any] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         #: set on every read, cleared by the sweep: liveness without a clock call
         self.active = False
-        self.opened_at = 0.0
+        #: when the connection opened, until the handshake; then when the
+        #: client was last heard from (set by the sweep)
         self.last_seen = 0.0
         self.ping_sent_at = 0.0
         self.closing_since = 0.0
@@ -188,12 +219,11 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         assert hasattr(transport, "write")  # uvloop's TCPTransport is not a Transport subclass
         self.transport = transport  # type: ignore[assignment]
         state = self.state_of_server
-        self.opened_at = self.last_seen = asyncio.get_running_loop().time()
+        self.last_seen = state.recent_time()
         limit = state.options.limits.write_limit
         self.transport.set_write_buffer_limits(high=limit)  # type: ignore[union-attr]
-        connections = state.connections
-        connections.add(self)
-        if len(connections) > state.fd_limit:
+        state.connections.add(self)
+        if state.open_connections() > state.fd_limit:
             # so close to the open-file limit that even a health probe could
             # not be answered later: refuse at once, without reading
             state.over_capacity()
@@ -230,6 +260,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         stats = state.stats
         hub = state.hub
         budget_end = hub.deliveries + DELIVERY_BUDGET
+        state.batch_queued = 0
         self.batching = True
         handlers = state.handlers
         client = self.client
@@ -303,7 +334,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         self.backlog = None
         self.transport_lost()  # the core decides the code (1006, or ours if we closed)
         assert self.close_code is not None
-        self._client_gone(client, self.close_code, self.close_reason)
+        self._client_gone(client, self.close_code, self.close_reason, lingering=False)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -343,7 +374,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             # kept as (interned host, port): see Request.remote_address
             request.remote_address = self.transport.get_extra_info("peername")
             response, client, extension = state.policy.answer(
-                request, open_connections=len(state.connections)
+                request, open_connections=state.open_connections()
             )
         except WebSocketNegotiationError as exc:
             self._refuse(exc, request)
@@ -369,6 +400,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             log_access(request, 101, client.subprotocol or "", state.hub.ids.shard)
         state.stats["connections_accepted"] += 1
         state.hub.add(client)
+        state.connections.discard(self)  # found through the hub from now on
         state.handlers.connected(client)
         rest = head[consumed:]
         if rest and self.state is not State.CLOSED:
@@ -413,17 +445,25 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
 
     # ------------------------------------------------------------- output
 
-    def _client_gone(self, client: WebSocketClient, code: int, reason: str) -> None:
-        """The WebSocket is closed: the client leaves the hub, its handlers run (once)."""
+    def _client_gone(
+        self, client: WebSocketClient, code: int, reason: str, *, lingering: bool = True
+    ) -> None:
+        """The WebSocket is closed: the client leaves the hub, its handlers run (once).
+
+        ``lingering``: TCP is still open (our FIN sent, the peer's awaited):
+        the connection goes back to the state's set, where the sweep can
+        abort it after ``close_timeout``.
+        """
         state = self.state_of_server
         if state.hub.remove(client):
+            if lingering:
+                state.connections.add(self)
             state.handlers.disconnected(client, code, reason)
 
     def _flush(self) -> None:
         transport = self.transport
         if transport is None:
             return
-        self.queued = 0
         pending = self.pending
         if self.backlog is not None:  # messages read before a close are still to come
             if pending:
@@ -498,12 +538,12 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
 
     def queue(self, frame: bytes, payload: bytes | None = None) -> bool:
         """Queue a frame for the read's one write, within ``write_limit`` (else 1008)."""
-        queued = self.queued + len(frame) + (len(payload) if payload is not None else 0)
-        limit = self.state_of_server.options.limits.write_limit
-        if queued > limit and self.state is State.OPEN:
+        state = self.state_of_server
+        queued = state.batch_queued + len(frame) + (len(payload) if payload is not None else 0)
+        if queued > state.options.limits.write_limit and self.state is State.OPEN:
             self._slow_consumer()
             return False
-        self.queued = queued
+        state.batch_queued = queued
         pending = self.pending
         if pending is None:
             self.pending = [frame] if payload is None else [frame, payload]

@@ -30,7 +30,7 @@ def sweep(state: ServerState, now: float) -> None:
     close_timeout = timeouts.close_timeout
     handshake_timeout = timeouts.handshake_timeout
     stats = state.stats
-    for connection in list(state.connections):
+    for connection in state.all_connections():
         transport = connection.transport
         if transport is None:
             continue
@@ -38,7 +38,7 @@ def sweep(state: ServerState, now: float) -> None:
             if connection.closing_since:  # refused, lingering until the client's EOF
                 if now - connection.closing_since > close_timeout:
                     transport.abort()
-            elif now - connection.opened_at > handshake_timeout:
+            elif now - connection.last_seen > handshake_timeout:  # opened then
                 stats["handshake_timeouts"] += 1
                 transport.abort()
             continue
