@@ -79,9 +79,10 @@ class DeflateOptions:
             raise ValueError("min_size must be >= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Negotiated:
-    """The agreed parameters of one connection.
+    """The agreed parameters of one connection (immutable: connections that
+    agreed on the same share one).
 
     ``compress_bits`` is the window our compressor may use: 0 when the
     client asked for a window zlib cannot produce (8 bits), in which case
@@ -192,18 +193,40 @@ def negotiate(header_values: list[str], options: DeflateOptions) -> Negotiated |
         compress_bits = response_server_bits or 15
         if compress_bits < 9:
             compress_bits = 0  # zlib cannot write raw deflate with an 8-bit window
-        return Negotiated(
-            server_no_context_takeover=(
-                options.server_no_context_takeover or "server_no_context_takeover" in seen
-            ),
-            client_no_context_takeover=(
-                options.client_no_context_takeover or "client_no_context_takeover" in seen
-            ),
-            server_max_window_bits=response_server_bits,
-            client_max_window_bits=client_bits,
-            compress_bits=compress_bits,
+        return _shared_negotiated(
+            options.server_no_context_takeover or "server_no_context_takeover" in seen,
+            options.client_no_context_takeover or "client_no_context_takeover" in seen,
+            response_server_bits,
+            client_bits,
+            compress_bits,
         )
     return None
+
+
+#: One Negotiated per distinct agreement (a few hundred at most: two flags and
+#: two window sizes), shared by the connections that made it.
+_NEGOTIATED: dict[tuple[bool, bool, int | None, int | None, int], Negotiated] = {}
+
+
+def _shared_negotiated(
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    server_max_window_bits: int | None,
+    client_max_window_bits: int | None,
+    compress_bits: int,
+) -> Negotiated:
+    """The (immutable) agreement, one object for every connection that made it."""
+    key = (
+        server_no_context_takeover,
+        client_no_context_takeover,
+        server_max_window_bits,
+        client_max_window_bits,
+        compress_bits,
+    )
+    negotiated = _NEGOTIATED.get(key)
+    if negotiated is None:
+        negotiated = _NEGOTIATED[key] = Negotiated(*key)
+    return negotiated
 
 
 class _SharedCompressors:

@@ -951,3 +951,14 @@ def test_node_ws_without_client_no_context_takeover_can_be_served() -> None:
         DeflateOptions(client_no_context_takeover=False),
     )
     assert offered is not None and "client_no_context_takeover" in offered.response()
+
+
+def test_connections_that_agree_alike_share_one_negotiated_object() -> None:
+    # every browser makes the same offer: one object for all of them, not one each
+    options = DeflateOptions()
+    offer = ["permessage-deflate; client_max_window_bits"]
+    first, second = negotiate(list(offer), options), negotiate(list(offer), options)
+    assert first is not None and first is second
+    other = negotiate(["permessage-deflate; client_max_window_bits=10"], options)
+    assert other is not None and other is not first
+    assert other.client_max_window_bits == 10 and first.client_max_window_bits is None
