@@ -249,7 +249,15 @@ SHARED_COMPRESSORS = _SharedCompressors()
 
 
 class PerMessageDeflate:
-    """The permessage-deflate state of one connection (small when stateless)."""
+    """The permessage-deflate state of one connection (small when stateless).
+
+    ``shared``: one instance serves every connection that agreed on the
+    same parameters with no context takeover either way, so an idle
+    connection keeps none of its own. It keeps nothing between calls, so it
+    only inflates messages that come in one frame; for a message in several
+    frames the connection takes a :meth:`private` copy first (the protocol
+    core does).
+    """
 
     __slots__ = (
         "_compressor",
@@ -259,14 +267,25 @@ class PerMessageDeflate:
         "max_message_size",
         "negotiated",
         "options",
+        "shared",
     )
 
     def __init__(
-        self, negotiated: Negotiated, options: DeflateOptions, *, max_message_size: int
+        self,
+        negotiated: Negotiated,
+        options: DeflateOptions,
+        *,
+        max_message_size: int,
+        shared: bool = False,
     ) -> None:
+        if shared and not (
+            negotiated.server_no_context_takeover and negotiated.client_no_context_takeover
+        ):
+            raise ValueError("only an agreement without context takeover can be shared")
         self.negotiated = negotiated
         self.options = options
         self.max_message_size = max_message_size
+        self.shared = shared
         self._inflater: Decompressor | None = None
         self._compressor: Compressor | None = None
         self._produced = 0
@@ -274,8 +293,27 @@ class PerMessageDeflate:
 
     # ------------------------------------------------------------ receive
 
+    def private(self) -> PerMessageDeflate:
+        """A copy of this agreement for one connection alone (its state its own)."""
+        return PerMessageDeflate(
+            self.negotiated, self.options, max_message_size=self.max_message_size
+        )
+
     def decode(self, payload: bytes, *, fin: bool, compressed: bool) -> bytes:
         """Inflate one frame of a compressed message (RFC 7692 §7.2.2)."""
+        if self.shared:
+            if not fin:
+                raise ValueError("a shared PerMessageDeflate inflates whole messages: private()")
+            # nothing kept: a fresh inflater for this message alone
+            limit = self.max_message_size
+            one_message = zlib.decompressobj(-15)
+            out = one_message.decompress(payload + _TAIL, limit + 1)
+            if one_message.unconsumed_tail or len(out) > limit:
+                raise ProtocolError(
+                    CloseCode.MESSAGE_TOO_BIG,
+                    f"message over the limit of {limit} bytes once decompressed",
+                )
+            return out
         inflater = self._inflater
         if inflater is None:
             inflater = zlib.decompressobj(-15)

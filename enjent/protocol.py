@@ -422,6 +422,9 @@ class ServerProtocol:
     def _inflate(self, payload: bytes, *, fin: bool) -> bytes:
         extension = self.extension
         assert extension is not None
+        if not fin and getattr(extension, "shared", False):
+            # a message in several frames: its inflater is this connection's own
+            extension = self.extension = extension.private()  # type: ignore[attr-defined]
         try:
             payload = extension.decode(payload, fin=fin, compressed=True)
         except ProtocolError:

@@ -962,3 +962,63 @@ def test_connections_that_agree_alike_share_one_negotiated_object() -> None:
     other = negotiate(["permessage-deflate; client_max_window_bits=10"], options)
     assert other is not None and other is not first
     assert other.client_max_window_bits == 10 and first.client_max_window_bits is None
+
+
+# -------------------------------------------------- one extension for alike clients
+
+
+def extensions_of(server: WebSocketServer) -> list[Any]:
+    return [client.connection.extension for client in server.local_clients]
+
+
+@async_test
+async def test_clients_that_agree_alike_share_one_extension_until_they_fragment() -> None:
+    server = echo_server(max_message_size=100_000)
+    async with server.serve(HOST, 0):
+        first, second, third = [await RawClient.connect(server.port) for _ in range(3)]
+        await eventually(lambda: len(server.local_clients) == 3)
+        shared = extensions_of(server)[0]
+        assert shared.shared and all(e is shared for e in extensions_of(server))
+        # two fragmented compressed messages, interleaved: each connection
+        # inflates with an inflater of its own (a private copy of the agreement)
+        a, b = b"first " * 3000, b"second " * 3000
+        a_wire, b_wire = deflate_raw(a), deflate_raw(b)
+        first.send(2, a_wire[:40], fin=False, rsv1=True)
+        second.send(2, b_wire[:40], fin=False, rsv1=True)
+        await first.writer.drain()
+        await second.writer.drain()
+        await asyncio.sleep(0.05)
+        first.send(0, a_wire[40:])
+        second.send(0, b_wire[40:])
+        for client, message in ((first, a), (second, b)):
+            fin, rsv1, opcode, payload = await client.recv_frame()
+            assert (fin, rsv1, opcode) == (True, True, 2)
+            assert inflate_raw(payload) == message
+        private = {id(e) for e in extensions_of(server) if e is not shared}
+        assert len(private) == 2
+        # over the limit on the shared one: that client fails with 1009, and
+        # the extension it shared still inflates a message of the limit's size
+        assert extensions_of(server).count(shared) == 1
+        third.send(2, deflate_raw(bytes(100_001)), rsv1=True)
+        assert await third.close_code() == CloseCode.MESSAGE_TOO_BIG
+        fourth = await RawClient.connect(server.port)
+        fourth.send(2, deflate_raw(bytes(100_000)), rsv1=True)
+        _, rsv1, opcode, payload = await fourth.recv_frame()
+        assert (rsv1, opcode, inflate_raw(payload)) == (True, 2, bytes(100_000))
+        for client in (first, second, third, fourth):
+            client.close()
+
+
+def test_an_agreement_with_context_takeover_is_never_shared() -> None:
+    stateful = DeflateOptions(server_no_context_takeover=False)
+    negotiated = negotiate(["permessage-deflate"], stateful)
+    assert negotiated is not None and not negotiated.server_no_context_takeover
+    with pytest.raises(ValueError):
+        PerMessageDeflate(negotiated, stateful, max_message_size=MiB, shared=True)
+    shared = extension_for()
+    assert not shared.shared
+    shared = PerMessageDeflate(shared.negotiated, DEFAULT, max_message_size=MiB, shared=True)
+    with pytest.raises(ValueError):
+        shared.decode(deflate_raw(b"x" * 100)[:10], fin=False, compressed=True)
+    private = shared.private()
+    assert not private.shared and private.negotiated is shared.negotiated

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..deflate import PerMessageDeflate, negotiate
+from ..deflate import DeflateOptions, Negotiated, PerMessageDeflate, negotiate
 from ..exceptions import HandshakeRejected, WebSocketNegotiationError
 from ..handshake import (
     accept_response,
@@ -116,7 +116,7 @@ def log_access(request: Request, status: int, detail: str, worker: int) -> None:
 class HandshakePolicy:
     """Decides on each parsed request of one server."""
 
-    __slots__ = ("hooks", "hub", "options", "upgrade_limit")
+    __slots__ = ("_shared_deflate", "hooks", "hub", "options", "upgrade_limit")
 
     def __init__(self, options: ServerOptions, hub: Hub) -> None:
         self.options = options
@@ -125,6 +125,8 @@ class HandshakePolicy:
         #: Upgrades accepted at most: ``max_connections``, lowered at start
         #: to what the process's open-file limit allows (see Capacity)
         self.upgrade_limit = options.limits.max_connections
+        #: one PerMessageDeflate per distinct agreement without context takeover
+        self._shared_deflate: dict[tuple[Negotiated, DeflateOptions, int], PerMessageDeflate] = {}
 
     def add_hook(self, hook: HandshakeHook) -> None:
         if inspect.iscoroutinefunction(hook):
@@ -143,6 +145,21 @@ class HandshakePolicy:
 
     def metrics(self) -> str:
         return render_metrics(self.hub.peers.metrics_samples())
+
+    def _deflate_for(self, negotiated: Negotiated) -> PerMessageDeflate:
+        """The connection's permessage-deflate: shared when no context is taken over."""
+        compression = self.options.compression
+        assert compression is not None
+        max_size = self.options.limits.max_message_size
+        if not (negotiated.server_no_context_takeover and negotiated.client_no_context_takeover):
+            return PerMessageDeflate(negotiated, compression, max_message_size=max_size)
+        key = (negotiated, compression, max_size)
+        extension = self._shared_deflate.get(key)
+        if extension is None:
+            extension = self._shared_deflate[key] = PerMessageDeflate(
+                negotiated, compression, max_message_size=max_size, shared=True
+            )
+        return extension
 
     def answer(self, request: Request, *, open_connections: int = 0) -> Answer:
         """A 101 and a new client, or an HTTP answer; refusals raise.
@@ -217,9 +234,7 @@ class HandshakePolicy:
             offers = request.headers.get_all("Sec-WebSocket-Extensions")
             negotiated = negotiate(offers, compression) if offers else None
             if negotiated is not None:
-                extension = PerMessageDeflate(
-                    negotiated, compression, max_message_size=options.limits.max_message_size
-                )
+                extension = self._deflate_for(negotiated)
                 extensions_header = negotiated.response()
         extra = list(accept.headers)
         if handshake.server_header:
