@@ -182,14 +182,21 @@ class WsClient(asyncio.BaseProtocol):
                 if not rest:
                     return
                 data = rest
-            if self.parser is None:
+            parser = self.parser
+            if parser is None:
                 return
+            if self.state == OPEN:
+                # the usual read: one whole message (a fan-out delivery, an echo answer)
+                message = parser.whole_message(data)
+                if message is not None:
+                    self.pool.on_message(self, message[0], message[1])
+                    return
             # the answers to every message of this read go out in one write,
             # so the load generator spends one syscall per read, not per message
             outbox: list[bytes] = []
             self.outbox = outbox
             try:
-                for opcode, payload in self.parser.feed(data):
+                for opcode, payload in parser.feed(data):
                     if opcode & 0x0F <= wire.Opcode.BINARY:  # text or binary, maybe compressed
                         if self.state == OPEN:
                             self.pool.on_message(self, opcode, payload)

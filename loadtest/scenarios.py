@@ -579,12 +579,11 @@ class FanoutPool(ClientPool):
         self.sender.send_frame(frames[number])
 
     def on_message(self, client: WsClient, opcode: int, payload: bytes) -> None:
-        now = time.perf_counter()
         if opcode & wire.COMPRESSED:
             self.compressed += 1
             opcode &= 0x0F
             if client is not self.checker:
-                self._delivered(client, self.current, now)
+                self._delivered(client, self.current)
                 return
             payload = self.inflater.inflate(payload)
         try:
@@ -594,16 +593,17 @@ class FanoutPool(ClientPool):
         if number != self.current:
             self.foreign += 1
             return
-        self._delivered(client, number, now)
+        self._delivered(client, number)
 
-    def _delivered(self, client: WsClient, number: int, now: float) -> None:
+    def _delivered(self, client: WsClient, number: int) -> None:
         if client.data != number - 1:
             self.out_of_order += 1
         client.data = number
         self.count += 1
         self.deliveries += 1
         if self.count == self.expected:
-            self.latencies.append(now - self.sent_at)
+            # the round's time: until the last client has it (read now, once per round)
+            self.latencies.append(time.perf_counter() - self.sent_at)
             self.last_progress = time.monotonic()
             self.send_round(number + 1)
 

@@ -84,6 +84,8 @@ SERVERS: dict[str, ServerKind] = {
     "websockets": ServerKind("websockets", "websockets", multiprocess=False, compresses=True),
     "aiohttp": ServerKind("aiohttp", "aiohttp", multiprocess=False, compresses=True),
     "picows": ServerKind("picows", "picows", multiprocess=False),
+    # C++ uWebSockets under Python bindings (its own loop; no compression measured)
+    "socketify": ServerKind("socketify", "socketify", multiprocess=False),
     # not a WebSocket server: the echo's floor (loadtest sends it unmasked frames)
     "rawtcp": ServerKind("rawtcp", None, multiprocess=False),
 }

@@ -308,6 +308,42 @@ class FrameParser:
             self._buffer += source[position:]
         return messages
 
+    def whole_message(self, data: bytes) -> tuple[int, bytes] | None:
+        """`data` as the one whole data message it is, or None to use :meth:`feed`.
+
+        The fast path of a read that is exactly one unfragmented, valid text or binary
+        frame with nothing buffered and no fragmented message under way (what fan-out and
+        echo clients mostly read); any other read, valid or not, answers None and is
+        left to :meth:`feed`, which parses or rejects it.
+        """
+        size = len(data)
+        if size < 2 or self._buffer or self._fragment_opcode >= 0:
+            return None
+        first = data[0]
+        second = data[1]
+        opcode = first & 0x0F
+        if first & 0x80 == 0 or second & 0x80 or not 0 < opcode < 3:
+            return None
+        if first & 0x70:
+            if first & 0x70 != 0x40 or not self.compressed:
+                return None
+            opcode |= COMPRESSED
+        length = second & 0x7F
+        header = 2
+        if length == 126:
+            if size < 4:
+                return None
+            length = (data[2] << 8) | data[3]
+            header = 4
+        elif length == 127:
+            if size < 10:
+                return None
+            length = int.from_bytes(data[2:10], "big")
+            header = 10
+        if header + length != size or length > self.max_message:
+            return None
+        return opcode, data[header:]
+
     def _frame(self, fin: int, opcode: int, payload: bytes, out: list[tuple[int, bytes]]) -> None:
         if opcode & COMPRESSED == 0 and opcode >= 0x8:
             if opcode not in (Opcode.CLOSE, Opcode.PING, Opcode.PONG):

@@ -73,6 +73,41 @@ def test_parser_reads_7_16_and_64_bit_lengths(size: int) -> None:
     assert wire.FrameParser().feed(frame) == [(wire.Opcode.BINARY, payload)]
 
 
+def test_whole_message_fast_path_agrees_with_feed_or_declines() -> None:
+    """The client's fast path takes only a read that is exactly one whole, valid data
+    frame; it gives what `feed` gives for it, and declines everything else (which `feed`
+    then parses or rejects), so it cannot accept what `feed` would refuse."""
+    compressed_text = wire.encode_frame(wire.Opcode.TEXT, b"abc", compressed=True)
+    taken = [
+        wire.encode_frame(wire.Opcode.TEXT, b"hello"),
+        wire.encode_frame(wire.Opcode.BINARY, b""),
+        wire.encode_frame(wire.Opcode.BINARY, os.urandom(1000)),
+        wire.encode_frame(wire.Opcode.BINARY, os.urandom(70000)),
+    ]
+    for frame in taken:
+        assert wire.FrameParser().whole_message(frame) == wire.FrameParser().feed(frame)[0]
+    flagged = wire.FrameParser(compressed=True).whole_message(compressed_text)
+    assert flagged == (wire.Opcode.TEXT | wire.COMPRESSED, b"abc")
+    declined = [
+        b"\x81",  # too short
+        wire.encode_frame(wire.Opcode.TEXT, b"hello")[:-1],  # incomplete
+        wire.encode_frame(wire.Opcode.TEXT, b"a") * 2,  # two frames
+        wire.encode_frame(wire.Opcode.TEXT, b"hel", fin=False),  # a first fragment
+        wire.encode_frame(wire.Opcode.PING, b"p"),  # control frames go through feed
+        wire.encode_frame(wire.Opcode.TEXT, b"x", mask=b"abcd"),  # masked: feed rejects it
+        compressed_text,  # RSV1 without deflate agreed: feed rejects it
+        bytes([0x80 | 0x20 | wire.Opcode.TEXT, 0]),  # RSV2
+        wire.encode_frame(3, b"x"),  # reserved opcode
+    ]
+    for frame in declined:
+        assert wire.FrameParser().whole_message(frame) is None, frame
+    assert wire.FrameParser(max_message=10).whole_message(taken[2]) is None  # over the limit
+    parser = wire.FrameParser()
+    parser.feed(wire.encode_frame(wire.Opcode.TEXT, b"hel", fin=False))
+    assert parser.whole_message(taken[0]) is None  # a fragmented message under way
+    assert parser.feed(b"\x81") == [] and parser.whole_message(taken[0]) is None  # buffered
+
+
 def test_client_frame_is_masked_and_decodes() -> None:
     mask = b"abcd"
     frame = wire.encode_frame(wire.Opcode.TEXT, b"hello", mask=mask)
