@@ -96,6 +96,12 @@ class Negotiated:
     client_max_window_bits: int | None
     compress_bits: int
 
+    @property
+    def no_context_takeover(self) -> bool:
+        """No context taken over either way: nothing is kept between messages,
+        so the connections that agreed alike can share one extension."""
+        return self.server_no_context_takeover and self.client_no_context_takeover
+
     def response(self) -> str:
         """The ``Sec-WebSocket-Extensions`` value of our 101 response."""
         parts = ["permessage-deflate"]
@@ -278,9 +284,7 @@ class PerMessageDeflate:
         max_message_size: int,
         shared: bool = False,
     ) -> None:
-        if shared and not (
-            negotiated.server_no_context_takeover and negotiated.client_no_context_takeover
-        ):
+        if shared and not negotiated.no_context_takeover:
             raise ValueError("only an agreement without context takeover can be shared")
         self.negotiated = negotiated
         self.options = options

@@ -956,11 +956,16 @@ def _broadcast_loop_keeps_everyone_served(readers: int, seconds: float, p99_boun
                     latencies[client.shard].append(loop.time() - started)
                     await asyncio.sleep(0.2)
 
+            def timed_healthz() -> float:
+                # timed in the probing thread: the server's answer, not how late
+                # this process's own loop (busy reading the broadcasts) resumes
+                started = time.monotonic()
+                healthz(port, 1.0)  # raises past 1 s
+                return time.monotonic() - started
+
             async def probe_health() -> None:
                 while loop.time() < stop_at:
-                    started = loop.time()
-                    await loop.run_in_executor(None, healthz, port, 1.0)  # raises past 1 s
-                    probes.append(loop.time() - started)
+                    probes.append(await loop.run_in_executor(None, timed_healthz))
                     await asyncio.sleep(0.5)
 
             sent, *_ = await asyncio.gather(

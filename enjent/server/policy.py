@@ -151,7 +151,7 @@ class HandshakePolicy:
         compression = self.options.compression
         assert compression is not None
         max_size = self.options.limits.max_message_size
-        if not (negotiated.server_no_context_takeover and negotiated.client_no_context_takeover):
+        if not negotiated.no_context_takeover:
             return PerMessageDeflate(negotiated, compression, max_message_size=max_size)
         key = (negotiated, compression, max_size)
         extension = self._shared_deflate.get(key)
