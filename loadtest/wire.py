@@ -295,7 +295,13 @@ class FrameParser:
             if end > size:
                 break
             start = position + header
-            payload = bytes(self._buffer[start:end]) if buffered else data[start:end]
+            if buffered:
+                # one copy out of the buffer (slicing the bytearray first would be two);
+                # the view is released before the buffer is trimmed below
+                with memoryview(self._buffer) as view:
+                    payload = bytes(view[start:end])
+            else:
+                payload = data[start:end]
             position = end
             if first & 0x80 and 0 < opcode & 0x0F < 3 and self._fragment_opcode < 0:
                 messages.append((opcode, payload))  # a whole data message, the usual frame
@@ -305,7 +311,7 @@ class FrameParser:
             if position:
                 del self._buffer[:position]
         elif position < size:
-            self._buffer += source[position:]
+            self._buffer += memoryview(data)[position:]  # one copy, not a slice and a copy
         return messages
 
     def whole_message(self, data: bytes) -> tuple[int, bytes] | None:
