@@ -91,6 +91,8 @@ class Extension(Protocol):
 _UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
 #: Payloads from this size on are written next to their header, not copied into a frame.
 ZERO_COPY_MIN = 16 * 1024
+#: Frames from this size on may be read straight into their own buffer (read_into).
+DIRECT_READ = 16 * 1024
 
 _OPCODE_TEXT = Opcode.TEXT.value
 _OPCODE_BINARY = Opcode.BINARY.value
@@ -132,6 +134,7 @@ class ServerProtocol:
         "_frag_opcode",
         "_frag_size",
         "_fragments",
+        "_have",
         "_need",
         "_partial",
         "close_code",
@@ -158,7 +161,11 @@ class ServerProtocol:
         self._eof_due = True
         self.close_code: int | None = None
         self.close_reason = ""
-        self._buffer: bytearray | None = None  # a partial frame, only while one is
+        #: a partial frame, only while one is: its first ``_have`` bytes are
+        #: here; the buffer is either exactly that long (it grows as bytes come)
+        #: or long enough for the whole frame (see :meth:`read_into`)
+        self._buffer: bytearray | None = None
+        self._have = 0
         self._need = 0  # bytes the partial frame needs before parsing can go on
         #: (header size, masking key, bytes checked, decoder) while a text
         #: frame is only partly here: its UTF-8 is checked as it arrives
@@ -173,14 +180,22 @@ class ServerProtocol:
 
     # ------------------------------------------------------------------ input
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview, *, keep: bool = False) -> list[Event]:
         """Feed bytes read from the peer; return the events they complete.
 
         A frame that straddles two reads is the only thing ever copied: its
         bytes collect in a buffer (taking from the next read only what the
         frame still lacks), and the frames after it are parsed in place in
         the read itself. However the reads fall against frame boundaries,
-        each byte is copied at most once before unmasking.
+        each byte is copied at most once before unmasking; none is once the
+        frame's buffer holds it whole and the rest is read into it
+        (:meth:`read_into`).
+
+        ``data`` may be a view of the caller's read buffer: nothing of it is
+        kept after the call unless ``keep`` is true, which hands over the
+        ``bytearray`` under a view that starts at its first byte: a frame
+        that the read leaves partial at that first byte keeps that buffer
+        instead of a copy.
         """
         if self.state is State.CLOSED:
             return []
@@ -191,17 +206,25 @@ class ServerProtocol:
             if buffer is not None:
                 view = memoryview(data)
                 while True:
-                    missing = self._need - len(buffer)
+                    missing = self._need - self._have
                     if len(data) - start < missing:  # still not enough: keep it all
-                        buffer += view[start:]
+                        self._store(view[start:])
                         if self._partial is not None:
-                            self._check_partial(buffer)
+                            self._check_partial()
                         else:
-                            self._maybe_start_partial(buffer)
+                            self._maybe_start_partial()
                         return events
-                    buffer += view[start : start + missing]
+                    self._store(view[start : start + missing])
                     start += missing
-                    if self._parse(buffer, events, 0):  # the straddling frame is whole
+                    buffer = self._buffer
+                    assert buffer is not None
+                    if len(buffer) == self._have:
+                        parsed = self._parse(buffer, events, 0)
+                    else:  # a buffer longer than the frame (one kept from a read)
+                        frame = memoryview(buffer)[: self._have]
+                        parsed = self._parse(frame, events, 0)
+                        frame.release()
+                    if parsed:  # the straddling frame is whole
                         break
                     if self.is_closed():
                         return events
@@ -215,10 +238,66 @@ class ServerProtocol:
             events.append(self.fail(exc.close_code, str(exc)))
             return events
         if consumed < len(data) and not self.is_closed():
-            self._buffer = bytearray(memoryview(data)[consumed:])
+            self._keep(data, consumed, keep)
         return events
 
-    def _parse(self, data: bytes | bytearray, events: list[Event], pos: int) -> int:
+    def read_into(self) -> memoryview | None:
+        """Where the rest of the partial frame can be read to, without a copy.
+
+        A view of the frame's own buffer, from its first missing byte to the
+        frame's end, for a frame of at least :data:`DIRECT_READ` bytes: when
+        its buffer is already as long as the frame (one handed over with
+        ``keep``), or when a quarter to a half of it is here (the buffer is
+        then made as long as the frame, one copy of what is here instead of
+        one of all the rest). ``None`` otherwise: a header that announces a
+        big frame costs nothing until the frame's bytes come (at most four
+        times what a client sent is allocated for it). After reading ``n``
+        bytes into the view, call :meth:`received_into`.
+        """
+        buffer = self._buffer
+        if buffer is None:
+            return None
+        have = self._have
+        need = self._need
+        if need < DIRECT_READ or have >= need:
+            return None
+        if len(buffer) < need:
+            if need > 4 * have or 2 * have > need:
+                return None  # too little here yet, or so much that the rest is cheaper copied
+            whole = bytearray(need)
+            whole[:have] = memoryview(buffer)[:have]
+            self._buffer = buffer = whole
+        return memoryview(buffer)[have:need]
+
+    def received_into(self, nbytes: int) -> list[Event]:
+        """``nbytes`` were read into the view :meth:`read_into` gave: parse on."""
+        self._have += nbytes
+        return self.receive_data(b"")
+
+    def _keep(self, data: bytes | memoryview, consumed: int, keep: bool) -> None:
+        """Keep the partial frame at the end of a read, for the next reads."""
+        rest = len(data) - consumed
+        if keep and consumed == 0 and isinstance(data, memoryview):
+            owner = data.obj
+            if isinstance(owner, bytearray) and len(owner) >= self._need:
+                self._buffer, self._have = owner, rest  # the caller's, handed over
+                return
+        self._buffer, self._have = bytearray(memoryview(data)[consumed:]), rest
+
+    def _store(self, chunk: memoryview) -> None:
+        """Add bytes of the partial frame to its buffer."""
+        if not chunk:  # (the buffer may still be lent to the event loop: not resized)
+            return
+        buffer = self._buffer
+        assert buffer is not None
+        have = self._have
+        if len(buffer) == have:
+            buffer += chunk
+        else:  # a buffer made for the whole frame: filled in place
+            buffer[have : have + len(chunk)] = chunk
+        self._have = have + len(chunk)
+
+    def _parse(self, data: bytes | bytearray | memoryview, events: list[Event], pos: int) -> int:
         """Parse every complete frame of ``data`` from ``pos``; return where it stopped."""
         view = memoryview(data)
         end = len(data)
@@ -367,7 +446,13 @@ class ServerProtocol:
         return pos
 
     def _start_partial(
-        self, data: bytes | bytearray, pos: int, header: int, end: int, *, continued: bool
+        self,
+        data: bytes | bytearray | memoryview,
+        pos: int,
+        header: int,
+        end: int,
+        *,
+        continued: bool,
     ) -> None:
         """A text frame is still arriving: check the UTF-8 of what is here.
 
@@ -384,12 +469,14 @@ class ServerProtocol:
         self._decode_fragment(decoder, apply_mask(available, key), False)
         self._partial = (header, key, len(available), decoder)
 
-    def _maybe_start_partial(self, buffer: bytearray) -> None:
+    def _maybe_start_partial(self) -> None:
         """The header of a buffered frame is complete now: a text frame? Check it.
 
         (The header was valid: the parser saw its first two bytes already.)
         """
-        if len(buffer) < 2:
+        buffer = self._buffer
+        have = self._have
+        if buffer is None or have < 2:
             return
         first = buffer[0]
         opcode = first & 0x0F
@@ -403,19 +490,19 @@ class ServerProtocol:
             return
         length = buffer[1] & 0x7F
         header = 6 if length < 126 else (8 if length == 126 else 14)
-        if len(buffer) >= header:
-            self._start_partial(bytes(buffer), 0, header, len(buffer), continued=continued)
+        if have >= header:
+            self._start_partial(bytes(buffer[:have]), 0, header, have, continued=continued)
 
-    def _check_partial(self, buffer: bytearray) -> None:
+    def _check_partial(self) -> None:
         """Check the bytes of a partial text frame that arrived since the last read."""
-        assert self._partial is not None
+        assert self._partial is not None and self._buffer is not None
         header, key, checked, decoder = self._partial
         rotation = checked & 3  # the masking key goes on where the last check stopped
-        new = memoryview(buffer)[header + checked :]
+        new = memoryview(self._buffer)[header + checked : self._have]
         try:
             chunk = apply_mask(new, key[rotation:] + key[:rotation])
         finally:
-            new.release()  # the buffer grows on the next read
+            new.release()  # the buffer may grow on the next read
         self._decode_fragment(decoder, chunk, False)
         self._partial = (header, key, checked + len(chunk), decoder)
 

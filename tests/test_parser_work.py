@@ -62,11 +62,17 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> Counted:
     class CountingBytearray(bytearray):
         def __init__(self, *args: Any) -> None:
             super().__init__(*args)
-            counted.copied += len(self)
+            if args and not isinstance(args[0], int):  # bytearray(n) zeroes, copies nothing
+                counted.copied += len(self)
 
         def __iadd__(self, other: Any) -> CountingBytearray:
             counted.copied += len(other)
             return super().__iadd__(other)  # type: ignore[return-value]
+
+        def __setitem__(self, index: Any, value: Any) -> None:
+            if isinstance(index, slice):  # filling a buffer made for a whole frame
+                counted.copied += len(value)
+            super().__setitem__(index, value)
 
     def counting_mask(data: Any, mask: bytes) -> bytes:
         counted.copied += len(data)
@@ -133,3 +139,92 @@ def test_the_counter_sees_a_quadratic_parser(monkeypatch: pytest.MonkeyPatch) ->
         buffer = protocol_module.bytearray(buffer)  # type: ignore[attr-defined]
         buffer += STREAM[start : start + 1000]
     assert counted.copied > 30 * (2.5 * 200_000 + 16 * 200)
+
+
+def _feed_reading_into(sizes: list[int]) -> tuple[list[Any], int]:
+    """Feed the stream the way the server's connection reads: into the rest of a
+    partial frame's own buffer whenever the parser offers one (``read_into``),
+    else into a read buffer that the next read overwrites."""
+    parser = ServerProtocol(max_message_size=1 << 20)
+    shared = bytearray(max(sizes))
+    events: list[Any] = []
+    position, index, reads = 0, 0, 0
+    while position < len(STREAM):
+        size = sizes[index % len(sizes)]
+        index += 1
+        reads += 1
+        direct = parser.read_into()
+        if direct is not None:
+            n = min(size, len(direct), len(STREAM) - position)
+            direct[:n] = STREAM[position : position + n]  # what the kernel writes there
+            direct.release()
+            events += parser.received_into(n)
+        else:
+            n = min(size, len(STREAM) - position)
+            shared[:n] = STREAM[position : position + n]
+            events += parser.receive_data(memoryview(shared)[:n])
+        position += n
+    return events, reads
+
+
+@pytest.mark.parametrize("size", [4096, 50_000, 65_536, 262_144])
+def test_reading_into_the_frames_buffer_copies_less(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """What read_into is for: the rest of a big frame goes straight into its buffer.
+
+    Fed the same way otherwise, the parser copies fewer bytes into its buffers
+    when the reads go into the frame's own buffer (made when a quarter to a
+    half of the frame is here), and the events are the same, although every read buffer
+    is overwritten by the next read (nothing of it may be kept)."""
+    expected = ServerProtocol(max_message_size=1 << 20).receive_data(STREAM)
+    counted = _counting(monkeypatch)
+    events, reads = _feed_reading_into([size])
+    assert events == expected
+    direct = counted.copied
+    counted.copied = 0
+    assert _feed([size])[0] == expected
+    if size < 262_144:
+        assert direct < counted.copied, (direct, counted.copied)
+    else:  # the one frame cut (the last) arrives more than half in the first read
+        assert direct == counted.copied, (direct, counted.copied)
+    # unmasking once, the fragments' buffer, and the bytes read before each big
+    # frame's buffer was made (at most half of it)
+    assert direct <= 2.5 * len(STREAM) + 16 * reads, direct
+
+
+def test_a_kept_read_buffer_becomes_the_frames_buffer() -> None:
+    """``keep=True`` hands over the read's bytearray: a frame left partial at its
+    start keeps it (no copy); without ``keep`` the parser copies what it keeps, so
+    the caller may overwrite its buffer at once."""
+    frame = encode_frame(Opcode.BINARY, bytes(range(256)) * 1024, mask=MASK)  # 256 KiB
+    for keep in (True, False):
+        parser = ServerProtocol(max_message_size=1 << 20)
+        read = bytearray(len(frame) + 1000)  # a read buffer may be longer than the frame
+        read[:100_000] = frame[:100_000]
+        assert parser.receive_data(memoryview(read)[:100_000], keep=keep) == []
+        assert (parser._buffer is read) is keep
+        if not keep:
+            read[:] = bytes(len(read))  # the caller's next read
+        rest = parser.read_into()
+        assert rest is not None and len(rest) == len(frame) - 100_000
+        rest[:] = frame[100_000:]
+        rest.release()
+        assert parser.received_into(len(frame) - 100_000) == [bytes(range(256)) * 1024]
+        assert parser._buffer is None
+
+
+def test_text_read_into_its_buffer_is_still_checked_as_it_arrives() -> None:
+    """Invalid UTF-8 in a big text frame, in bytes read through ``read_into``, fails
+    the connection (1007) as soon as they are there, not when the frame is whole."""
+    text = bytearray(("ü" * 100_000).encode())  # 200,000 bytes
+    text[80_000] = 0xFF
+    frame = encode_frame(Opcode.TEXT, bytes(text), mask=MASK)
+    parser = ServerProtocol(max_message_size=1 << 20)
+    assert parser.receive_data(frame[:60_000]) == []  # valid so far, under half of it
+    rest = parser.read_into()
+    assert rest is not None and len(rest) == len(frame) - 60_000
+    rest[:30_000] = frame[60_000:90_000]
+    rest.release()
+    events = parser.received_into(30_000)
+    assert [(event.code, event.failed) for event in events] == [(1007, True)]  # type: ignore[union-attr]

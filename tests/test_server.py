@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -48,7 +49,7 @@ from enjent import (
     WebSocketServer,
     WebSocketServerError,
 )
-from enjent.frames import encode_frame
+from enjent.frames import Opcode, encode_frame
 
 # ------------------------------------------------------------------ helpers
 
@@ -1106,6 +1107,73 @@ async def test_pings_fragments_and_large_messages_from_the_client() -> None:
         await ws.send(big)
         assert await recv(ws) == big
     assert control == [enjent.Ping(b"are you there")]
+
+
+@async_test
+async def test_large_messages_pipelined_on_two_connections_come_back_whole() -> None:
+    """Large frames are read into their own buffers (and, once a connection's frames
+    are large, each read into one of that size) while the other reads share one
+    buffer: two clients pipelining big and small messages of changing sizes each
+    get every one of their own back, byte for byte, in order."""
+    # (a write limit above the largest echo: slow consumers are not what is tested)
+    server = WebSocketServer(max_message_size=2 << 20, write_limit=8 << 20)
+    echo(server)
+    rng = random.Random(18)
+    sizes = [300_000, 300_000, 20, 262_144, 262_144, 70_000, 1_500_000, 5, 131_072, 400_000]
+
+    async def client(seed: int) -> None:
+        messages: list[str | bytes] = [rng.randbytes(size) for size in sizes]
+        messages.insert(3, "ünïcödé " * 40_000)  # text, checked as it arrives
+        async with ws_connect(server, max_size=4 << 20, compression=None) as ws:
+
+            async def send_all() -> None:  # sent without waiting for the answers
+                for message in messages:
+                    await ws.send(message)
+
+            sending = asyncio.ensure_future(send_all())
+            for message in messages:
+                assert await recv(ws, timeout=10) == message
+            await sending
+
+    async with server.serve(HOST, 0):
+        await asyncio.wait_for(asyncio.gather(client(1), client(2)), 30)
+
+
+@async_test
+async def test_a_large_frame_cut_by_a_pause_is_read_on_into_its_buffer() -> None:
+    """A client that sent large frames has its next read go to a buffer of that size;
+    when that read ends inside a frame (the client paused), the frame is read on
+    into that same buffer; smaller frames after it go back to the shared one. Every
+    echo comes back whole, in order."""
+    server = WebSocketServer(max_message_size=2 << 20, write_limit=8 << 20)
+    echo(server)
+    rng = random.Random(6455)
+    payloads = [rng.randbytes(300_000) for _ in range(3)] + [b"small", rng.randbytes(200_000)]
+    frames = [encode_frame(Opcode.BINARY, p, mask=b"\x01\x02\x03\x04") for p in payloads]
+    async with server.serve(HOST, 0):
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        try:
+            writer.write(upgrade_request())
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            received = bytearray()
+
+            async def read_echoes(count: int) -> None:  # until these echoes are all here
+                size = sum(len(encode_frame(Opcode.BINARY, p)) for p in payloads[:count])
+                while len(received) < size:
+                    received.extend(await asyncio.wait_for(reader.read(1 << 20), 5))
+
+            writer.write(frames[0])  # the first large frame: the shared buffer, then its own
+            await read_echoes(1)
+            for frame in frames[1:3]:  # each cut in two by a pause
+                writer.write(frame[:100_000])
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(frame[100_000:])
+            writer.write(frames[3] + frames[4])
+            await read_echoes(5)
+        finally:
+            writer.close()
+    assert parse_server_frames(bytes(received), strict=True) == [(2, p) for p in payloads]
 
 
 @async_test

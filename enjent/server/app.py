@@ -23,7 +23,7 @@ from ..exceptions import WebSocketServerError
 from ..frames import CloseCode
 from ..http11 import Request
 from .client import WebSocketClient
-from .connection import Connection, ServerState, TlsConnection
+from .connection import Connection, ServerState
 from .handlers import Handlers
 from .hub import Hub, TrustedProxies
 from .keepalive import sweep_forever
@@ -299,7 +299,6 @@ class WebSocketServer(OptionAttributes):
         loop = asyncio.get_running_loop()
         state = self._state
         state.now = loop.time()
-        self._connection_class = Connection if ssl is None else TlsConnection
         self._stopping = False
         state.fd_limit, self._policy.upgrade_limit = capacity(self.max_connections)
         try:

@@ -172,13 +172,52 @@ class ServerState:
             )
 
 
-class Connection(ServerProtocol, asyncio.BaseProtocol):
-    """The asyncio protocol of one client connection (a streaming protocol:
-    ``data_received``; :class:`TlsConnection` reads into a buffer instead)."""
+#: The buffer every connection of the process reads into (allocated on the
+#: first read), unless it reads the rest of a large frame into that frame's
+#: own buffer. A read is parsed in place in it; nothing of it is kept past
+#: the read (a partial frame is copied out, once).
+_READ_SIZE = 256 * 1024
+_shared_read: memoryview | None = None
+
+
+def _allocate_shared_read() -> memoryview:
+    global _shared_read
+    _shared_read = memoryview(bytearray(_READ_SIZE))
+    return _shared_read
+
+
+#: After a frame of at least this size that straddled reads, a connection reads
+#: into a buffer of that frame's size, its own: the next frame, if it is as big,
+#: is read there whole and never copied before it is unmasked.
+_LARGE_FRAME = 128 * 1024
+#: The last such buffer that the parser did not keep, for the next read (up to
+#: this size: one per process, so that a stream of large frames does not zero
+#: a new buffer per frame)
+_spare: bytearray | None = None
+_SPARE_MAX = 4 * 1024 * 1024
+#: ``Connection._reading`` while the rest of a partial frame is read into it
+_DIRECT = object()
+
+
+class Connection(ServerProtocol, asyncio.BufferedProtocol):
+    """The asyncio protocol of one client connection, plain or TLS.
+
+    A buffered protocol: the event loop reads into the buffer that
+    :meth:`get_buffer` gives. Most reads go to one buffer shared by the
+    process's connections and are parsed there, in place (no ``bytes`` made
+    per read; uvloop's TLS transport, given a streaming protocol, also asks
+    OpenSSL for 256 KiB per read and then shrinks it). A large frame that
+    straddles reads is read on into its own buffer, and a connection whose
+    frames are large reads each into a buffer of that size: at 256 KiB,
+    each byte is copied once on its way from the kernel to the message
+    (the unmasking) instead of three or four times.
+    """
 
     __slots__ = (
         "_drain_waiter",
         "_head",
+        "_predict",
+        "_reading",
         "active",
         "backlog",
         "batching",
@@ -212,6 +251,11 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         self.last_seen = 0.0
         self.ping_sent_at = 0.0
         self.closing_since = 0.0
+        #: what the last get_buffer() gave: None (the shared buffer), _DIRECT
+        #: (the rest of the partial frame) or a bytearray of this connection's
+        self._reading: object = None
+        #: the size of this connection's last large frame, or 0 (see _LARGE_FRAME)
+        self._predict = 0
 
     # ------------------------------------------------------------ asyncio
 
@@ -230,15 +274,61 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             self.transport.write(_FULL)  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buffer = self._buffer
+        if buffer is None and not self._predict:  # the common case
+            self._reading = None
+            return _shared_read or _allocate_shared_read()
+        if buffer is not None:
+            if self._need >= _LARGE_FRAME:
+                self._predict = self._need  # the next frames: as big, probably
+            direct = self.read_into()
+            if direct is not None:
+                self._reading = _DIRECT
+                return direct
+            self._reading = None
+            return _shared_read or _allocate_shared_read()
+        global _spare
+        own = _spare
+        if own is not None and len(own) >= self._predict:
+            _spare = None
+        else:
+            own = bytearray(self._predict)
+        self._reading = own
+        return memoryview(own)[: self._predict]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reading = self._reading
+        if reading is None:
+            assert _shared_read is not None
+            self.data_received(_shared_read[:nbytes])
+            return
+        self._reading = None
+        self.active = True
+        if reading is _DIRECT:
+            events = self.received_into(nbytes)
+        else:
+            assert isinstance(reading, bytearray)
+            events = self.receive_data(memoryview(reading)[:nbytes], keep=True)
+            kept = self._buffer
+            if kept is None and nbytes < self._predict:
+                self._predict = 0  # smaller messages now: back to the shared buffer
+            if kept is not reading and len(reading) <= _SPARE_MAX:
+                global _spare
+                _spare = reading  # not kept by the parser: the next read's
+        self._received(events, nbytes)
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.active = True
         if self.client is None:
             if not self.closing_since:  # else refused, lingering: dropped
-                self._receive_handshake(data)
+                self._receive_handshake(bytes(data))  # a copy: it may keep it
             return
-        events = self.receive_data(data)
+        self._received(self.receive_data(data), len(data))
+
+    def _received(self, events: list[Any], nbytes: int) -> None:
         state = self.state_of_server
-        state.stats["bytes_received"] += len(data)
+        state.stats["bytes_received"] += nbytes
         if self.backlog is not None:  # still working through earlier messages
             self.backlog.extend(events)
             return
@@ -590,35 +680,3 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         if event.failed:
             self.state_of_server.stats["protocol_errors"] += 1
             logger.info("failing connection of %s: %s (%d)", self.client, event.reason, event.code)
-
-
-#: The buffer every TLS connection of the process decrypts its reads into
-#: (allocated on the first TLS read): its bytes are copied out at once.
-_TLS_READ_SIZE = 64 * 1024
-_tls_read_buffer: memoryview | None = None
-
-
-class TlsConnection(Connection, asyncio.BufferedProtocol):
-    """A connection over native TLS (``start(ssl=...)``): the same protocol,
-    fed from a buffer.
-
-    uvloop's TLS transport gives a streaming protocol each read as a new
-    ``bytes`` that it asks OpenSSL for at 256 KiB and then shrinks: past
-    glibc's mmap threshold, that is an ``mmap``, page faults and a
-    ``munmap`` per read (measured on a 1 KiB echo: 72-78 µs of server CPU
-    per echo with them, 61-68 µs without). A buffered
-    protocol has the decrypted bytes written into a buffer it provides: one
-    per process, copied out at once into the ``bytes`` the parser keeps.
-    """
-
-    __slots__ = ()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        global _tls_read_buffer
-        if _tls_read_buffer is None:
-            _tls_read_buffer = memoryview(bytearray(_TLS_READ_SIZE))
-        return _tls_read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        assert _tls_read_buffer is not None
-        self.data_received(_tls_read_buffer[:nbytes].tobytes())
