@@ -853,6 +853,35 @@ async def test_slow_consumer_is_closed_and_memory_stays_bounded(loop_kind: str) 
     assert latency < 1.0
 
 
+@async_test
+async def test_one_answer_bigger_than_the_write_limit_is_sent() -> None:
+    """The limit is on what is already unsent: with nothing queued, an echo of a
+    message over ``write_limit`` (800 KB, under the 1 MiB message limit, against the
+    512 KiB write limit: both defaults) goes out (memory per client: about the limit
+    plus one message); a second answer in the same read, over the limit, is refused
+    (1008)."""
+    server = WebSocketServer()
+    echo(server)
+    big = os.urandom(800_000)
+    async with server.serve(HOST, 0):
+        async with ws_connect(server) as ws:
+            await ws.send(big)
+            assert await recv(ws, timeout=5) == big
+        assert server.stats["slow_consumers_closed"] == 0
+    twice = WebSocketServer()
+    sent: list[bool] = []
+
+    @twice.on_message
+    def answer_twice(client: WebSocketClient, message: str | bytes) -> None:
+        sent.extend((client.send(big), client.send(big)))
+
+    async with twice.serve(HOST, 0), ws_connect(twice) as ws:
+        await ws.send("twice")
+        assert await recv(ws, timeout=5) == big
+        assert await closed_with(ws) == (1008, "slow consumer")
+    assert sent == [True, False]
+
+
 @both_loops
 @async_test
 async def test_close_timeout_aborts_a_peer_that_never_answers_the_close(loop_kind: str) -> None:

@@ -627,13 +627,17 @@ class Connection(ServerProtocol, asyncio.BufferedProtocol):
         return True
 
     def queue(self, frame: bytes, payload: bytes | None = None) -> bool:
-        """Queue a frame for the read's one write, within ``write_limit`` (else 1008)."""
+        """Queue a frame for the read's one write, within ``write_limit`` (else 1008).
+
+        As for a write, the limit is on what is already unsent: the frame that
+        takes the queue over it is queued (one answer may be bigger than the
+        limit); the next one is refused.
+        """
         state = self.state_of_server
-        queued = state.batch_queued + len(frame) + (len(payload) if payload is not None else 0)
-        if queued > state.options.limits.write_limit and self.state is State.OPEN:
+        if state.batch_queued > state.options.limits.write_limit and self.state is State.OPEN:
             self._slow_consumer()
             return False
-        state.batch_queued = queued
+        state.batch_queued += len(frame) + (len(payload) if payload is not None else 0)
         pending = self.pending
         if pending is None:
             self.pending = [frame] if payload is None else [frame, payload]
