@@ -269,6 +269,15 @@ class ServerProtocol:
             self._buffer = buffer = whole
         return memoryview(buffer)[have:need]
 
+    @property
+    def partial_frame(self) -> int:
+        """The size of the frame held partly, waiting for more bytes (0: none)."""
+        return self._need if self._buffer is not None else 0
+
+    def keeps(self, buffer: bytearray) -> bool:
+        """Whether ``buffer``, handed over with ``keep``, is the partial frame's now."""
+        return self._buffer is buffer
+
     def received_into(self, nbytes: int) -> list[Event]:
         """``nbytes`` were read into the view :meth:`read_into` gave: parse on."""
         self._have += nbytes

@@ -351,15 +351,22 @@ def test_native_tls_in_process(certificate: Certificate) -> None:
             url = f"wss://127.0.0.1:{server.port}/"
             async with ws_connect(url, certificate.client_context()) as ws:
                 assert await request(ws, "hi") == "127.0.0.1 hi"
-                # TLS reads land in one buffer of 64 KiB per process, copied out at
-                # once: a message of several buffers, and many messages in a row,
-                # come through whole and in order
+                # a message of several reads, and many messages in a row, come
+                # through whole and in order
                 big = "".join(chr(97 + index % 26) for index in range(300_000))
                 for index in range(20):
                     await ws.send(f"{index} {big[: 1000 * index]}")
                 answers = [await asyncio.wait_for(ws.recv(), 10) for _ in range(20)]
                 assert answers == [f"127.0.0.1 {i} {big[: 1000 * i]}" for i in range(20)]
                 assert await request(ws, big) == f"127.0.0.1 {big}"
+                # large frames in a row are read into buffers of their own (the
+                # transport lent to a buffered reader, then handed back)
+                sizes = (300_000, 290_000, 140_000, 5, 200_000, 3)
+                for size in sizes:
+                    await ws.send(big[:size])
+                answers = [await asyncio.wait_for(ws.recv(), 10) for _ in sizes]
+                assert answers == [f"127.0.0.1 {big[:size]}" for size in sizes]
+                assert await request(ws, "after") == "127.0.0.1 after"
             # a client that does not trust the certificate does not get in
             with pytest.raises(ssl.SSLCertVerificationError):
                 async with ws_connect(url, ssl.create_default_context()):

@@ -1205,6 +1205,45 @@ async def test_a_large_frame_cut_by_a_pause_is_read_on_into_its_buffer() -> None
     assert parse_server_frames(bytes(received), strict=True) == [(2, p) for p in payloads]
 
 
+@both_loops
+@async_test
+async def test_a_client_reading_large_frames_still_pauses_and_goes(loop_kind: str) -> None:
+    """While large frames are read into their own buffers (the transport lent to a
+    buffered reader), the connection still gets the transport's events: a client
+    that sends large frames and reads nothing fills the server's buffers and is
+    not read from (backpressure); one that hangs up mid-frame is reported gone
+    (1006), one that shuts down its side mid-frame (EOF) too."""
+    server, events = make_server(max_message_size=2 << 20, write_limit=1 << 20)
+    echo(server)
+    frame = encode_frame(Opcode.BINARY, os.urandom(300_000), mask=b"\x01\x02\x03\x04")
+    loop = asyncio.get_running_loop()
+    async with server.serve(HOST, 0):
+        flooder = await raw_websocket(server.port, rcvbuf=4096)
+        sending = asyncio.ensure_future(loop.sock_sendall(flooder, frame * 60))  # 18 MB
+        await eventually(lambda: server.client_count == 1)
+        connection = server.local_clients[0].connection
+        await eventually(lambda: connection.paused, timeout=5)  # pause_writing reached it
+        sending.cancel()
+        flooder.close()
+        await eventually(lambda: len(events.disconnected) == 1, timeout=5)
+        for how in ("close", "shutdown"):
+            sock = await raw_websocket(server.port)
+            received = server.stats["messages_received"]
+            await loop.sock_sendall(sock, frame + frame[:100_000])  # one whole, one not
+            await eventually(
+                lambda received=received: server.stats["messages_received"] > received, timeout=5
+            )
+            gone = len(events.disconnected)
+            if how == "close":
+                sock.close()
+            else:
+                sock.shutdown(socket.SHUT_WR)
+            await eventually(lambda gone=gone: len(events.disconnected) > gone, timeout=5)
+            sock.close()
+    assert [code for _, code, _ in events.disconnected] == [1006, 1006, 1006]
+    assert server.client_count == 0
+
+
 @async_test
 async def test_broadcast_to_compressed_and_uncompressed_clients() -> None:
     server = WebSocketServer()

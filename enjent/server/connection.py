@@ -15,12 +15,13 @@ import asyncio
 import collections
 import inspect
 import logging
+import mmap
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import WebSocketNegotiationError
 from ..frames import CloseCode
 from ..http11 import Request, error_response, parse_request, without_body
-from ..protocol import Close, ServerProtocol, State
+from ..protocol import DIRECT_READ, Close, ServerProtocol, State
 from .policy import log_access
 
 if TYPE_CHECKING:
@@ -172,52 +173,50 @@ class ServerState:
             )
 
 
-#: The buffer every connection of the process reads into (allocated on the
-#: first read), unless it reads the rest of a large frame into that frame's
-#: own buffer. A read is parsed in place in it; nothing of it is kept past
-#: the read (a partial frame is copied out, once).
+#: The buffer a connection reads into, while its transport is lent to a
+#: :class:`_FrameReader`, when the rest of a frame cannot go to the frame's
+#: own buffer: one per process, allocated on first use (an anonymous mapping:
+#: its pages cost memory once a read reaches them); parsed in place, nothing
+#: of it kept past the read.
 _READ_SIZE = 256 * 1024
 _shared_read: memoryview | None = None
 
 
 def _allocate_shared_read() -> memoryview:
     global _shared_read
-    _shared_read = memoryview(bytearray(_READ_SIZE))
+    _shared_read = memoryview(mmap.mmap(-1, _READ_SIZE))
     return _shared_read
 
 
 #: After a frame of at least this size that straddled reads, a connection reads
-#: into a buffer of that frame's size, its own: the next frame, if it is as big,
-#: is read there whole and never copied before it is unmasked.
+#: into a buffer of that frame's size: the next frame, if it is as big, is read
+#: there whole and never copied before it is unmasked.
 _LARGE_FRAME = 128 * 1024
 #: The last such buffer that the parser did not keep, for the next read (up to
 #: this size: one per process, so that a stream of large frames does not zero
 #: a new buffer per frame)
 _spare: bytearray | None = None
 _SPARE_MAX = 4 * 1024 * 1024
-#: ``Connection._reading`` while the rest of a partial frame is read into it
+#: ``_FrameReader.lent`` while the rest of a partial frame is read into it
 _DIRECT = object()
 
 
-class Connection(ServerProtocol, asyncio.BufferedProtocol):
+class Connection(ServerProtocol, asyncio.BaseProtocol):
     """The asyncio protocol of one client connection, plain or TLS.
 
-    A buffered protocol: the event loop reads into the buffer that
-    :meth:`get_buffer` gives. Most reads go to one buffer shared by the
-    process's connections and are parsed there, in place (no ``bytes`` made
-    per read; uvloop's TLS transport, given a streaming protocol, also asks
-    OpenSSL for 256 KiB per read and then shrinks it). A large frame that
-    straddles reads is read on into its own buffer, and a connection whose
-    frames are large reads each into a buffer of that size: at 256 KiB,
-    each byte is copied once on its way from the kernel to the message
-    (the unmasking) instead of three or four times.
+    A streaming protocol (``data_received``), the cheapest for small
+    messages and for an idle connection. When a read leaves a large frame
+    partial, the transport is lent to a :class:`_FrameReader`, a buffered
+    protocol that reads the rest of the frame straight into the frame's own
+    buffer and, while the frames stay large, each next frame into a buffer of
+    its size; it hands the transport back when they are small again. At
+    256 KiB, each byte is then copied once on its way from the kernel to the
+    message (the unmasking) instead of three or four times.
     """
 
     __slots__ = (
         "_drain_waiter",
         "_head",
-        "_predict",
-        "_reading",
         "active",
         "backlog",
         "batching",
@@ -251,11 +250,6 @@ class Connection(ServerProtocol, asyncio.BufferedProtocol):
         self.last_seen = 0.0
         self.ping_sent_at = 0.0
         self.closing_since = 0.0
-        #: what the last get_buffer() gave: None (the shared buffer), _DIRECT
-        #: (the rest of the partial frame) or a bytearray of this connection's
-        self._reading: object = None
-        #: the size of this connection's last large frame, or 0 (see _LARGE_FRAME)
-        self._predict = 0
 
     # ------------------------------------------------------------ asyncio
 
@@ -274,59 +268,29 @@ class Connection(ServerProtocol, asyncio.BufferedProtocol):
             self.transport.write(_FULL)  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        buffer = self._buffer
-        if buffer is None and not self._predict:  # the common case
-            self._reading = None
-            return _shared_read or _allocate_shared_read()
-        if buffer is not None:
-            if self._need >= _LARGE_FRAME:
-                self._predict = self._need  # the next frames: as big, probably
-            direct = self.read_into()
-            if direct is not None:
-                self._reading = _DIRECT
-                return direct
-            self._reading = None
-            return _shared_read or _allocate_shared_read()
-        global _spare
-        own = _spare
-        if own is not None and len(own) >= self._predict:
-            _spare = None
-        else:
-            own = bytearray(self._predict)
-        self._reading = own
-        return memoryview(own)[: self._predict]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        reading = self._reading
-        if reading is None:
-            assert _shared_read is not None
-            self.data_received(_shared_read[:nbytes])
-            return
-        self._reading = None
-        self.active = True
-        if reading is _DIRECT:
-            events = self.received_into(nbytes)
-        else:
-            assert isinstance(reading, bytearray)
-            events = self.receive_data(memoryview(reading)[:nbytes], keep=True)
-            kept = self._buffer
-            if kept is None and nbytes < self._predict:
-                self._predict = 0  # smaller messages now: back to the shared buffer
-            if kept is not reading and len(reading) <= _SPARE_MAX:
-                global _spare
-                _spare = reading  # not kept by the parser: the next read's
-        self._received(events, nbytes)
-
     def data_received(self, data: bytes | memoryview) -> None:
         self.active = True
         if self.client is None:
             if not self.closing_since:  # else refused, lingering: dropped
-                self._receive_handshake(bytes(data))  # a copy: it may keep it
+                self._receive_handshake(bytes(data))  # a copy if a view: it may keep it
             return
-        self._received(self.receive_data(data), len(data))
+        events = self.receive_data(data)
+        if self._buffer is not None and self._need >= DIRECT_READ:
+            self._lend_transport()
+        self.handle_read(events, len(data))
 
-    def _received(self, events: list[Any], nbytes: int) -> None:
+    def _lend_transport(self) -> None:
+        """A large frame is partial: read on through a :class:`_FrameReader`, if the
+        frame's buffer can take the rest or its size says the next ones are large."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        large = self._need >= _LARGE_FRAME
+        if large or self.read_into() is not None:
+            transport.set_protocol(_FrameReader(self, self._need if large else 0))
+
+    def handle_read(self, events: list[Any], nbytes: int) -> None:
+        """Count a read of ``nbytes`` and hand the events it completed to the handlers."""
         state = self.state_of_server
         state.stats["bytes_received"] += nbytes
         if self.backlog is not None:  # still working through earlier messages
@@ -684,3 +648,92 @@ class Connection(ServerProtocol, asyncio.BufferedProtocol):
         if event.failed:
             self.state_of_server.stats["protocol_errors"] += 1
             logger.info("failing connection of %s: %s (%d)", self.client, event.reason, event.code)
+
+
+class _FrameReader(asyncio.BufferedProtocol):
+    """The protocol of a connection's transport while large frames come in.
+
+    The event loop reads into the buffer that :meth:`get_buffer` lends: the
+    rest of the partial frame in the frame's own buffer
+    (:meth:`ServerProtocol.read_into`); else, after a frame of at least
+    :data:`_LARGE_FRAME` bytes, a buffer of that frame's size (``predict``),
+    handed to the parser (``keep``) so that a next frame as big, read there
+    whole or in part, is never copied; else the shared read buffer. Once
+    neither applies (the frames are small again), the transport goes back
+    to the connection. Everything else is the connection's.
+    """
+
+    __slots__ = ("connection", "lent", "predict")
+
+    def __init__(self, connection: Connection, predict: int) -> None:
+        self.connection = connection
+        self.predict = predict
+        #: what get_buffer() lent: _DIRECT, a bytearray, or None (the shared buffer)
+        self.lent: object = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        connection = self.connection
+        direct = connection.read_into()
+        if direct is not None:
+            self.lent = _DIRECT
+            return direct
+        predict = self.predict
+        if predict and not connection.partial_frame:
+            global _spare
+            own = _spare
+            if own is not None and len(own) >= predict:
+                _spare = None
+            else:
+                own = bytearray(predict)
+            self.lent = own
+            return memoryview(own)[:predict]
+        self.lent = None
+        return _shared_read or _allocate_shared_read()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        connection = self.connection
+        lent = self.lent
+        self.lent = None
+        connection.active = True
+        if lent is _DIRECT:
+            events = connection.received_into(nbytes)
+        elif lent is None:
+            assert _shared_read is not None
+            events = connection.receive_data(_shared_read[:nbytes])
+        else:
+            assert isinstance(lent, bytearray)
+            events = connection.receive_data(memoryview(lent)[:nbytes], keep=True)
+            if not connection.partial_frame and nbytes < self.predict:
+                self.predict = 0  # smaller messages now
+            if not connection.keeps(lent) and len(lent) <= _SPARE_MAX:
+                global _spare
+                _spare = lent  # not kept by the parser: the next read's
+        partial = connection.partial_frame
+        if partial >= _LARGE_FRAME:
+            self.predict = partial
+        connection.handle_read(events, nbytes)
+        transport = connection.transport
+        if (
+            not self.predict
+            and connection.read_into() is None
+            and transport is not None
+            and transport.get_protocol() is self
+            and not transport.is_closing()
+        ):
+            transport.set_protocol(connection)  # small frames again: a plain read
+
+    def data_received(self, data: bytes) -> None:
+        """(A transport that read before it saw the change of protocol.)"""
+        self.connection.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.connection.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_writing()
