@@ -192,9 +192,12 @@ def _allocate_shared_read() -> memoryview:
 #: into a buffer of that frame's size: the next frame, if it is as big, is read
 #: there whole and never copied before it is unmasked.
 _LARGE_FRAME = 128 * 1024
-#: The last such buffer that the parser did not keep, for the next read (up to
-#: this size: one per process, so that a stream of large frames does not zero
-#: a new buffer per frame)
+#: The buffer such reads go to, one per process (up to this size), so that a
+#: stream of large frames does not zero a new buffer per frame. It stays the
+#: spare after a read (the parser copies all it keeps out of it) unless the
+#: parser keeps it whole as a partial frame's buffer; a read that found
+#: nothing to read (the event loop asks for a buffer before every attempt)
+#: leaves it as it was.
 _spare: bytearray | None = None
 _SPARE_MAX = 4 * 1024 * 1024
 #: ``_FrameReader.lent`` while the rest of a partial frame is read into it
@@ -681,10 +684,10 @@ class _FrameReader(asyncio.BufferedProtocol):
         if predict and not connection.partial_frame:
             global _spare
             own = _spare
-            if own is not None and len(own) >= predict:
-                _spare = None
-            else:
+            if own is None or len(own) < predict:
                 own = bytearray(predict)
+                if predict <= _SPARE_MAX:
+                    _spare = own
             self.lent = own
             return memoryview(own)[:predict]
         self.lent = None
@@ -705,9 +708,10 @@ class _FrameReader(asyncio.BufferedProtocol):
             events = connection.receive_data(memoryview(lent)[:nbytes], keep=True)
             if not connection.partial_frame and nbytes < self.predict:
                 self.predict = 0  # smaller messages now
-            if not connection.keeps(lent) and len(lent) <= _SPARE_MAX:
+            if connection.keeps(lent):
                 global _spare
-                _spare = lent  # not kept by the parser: the next read's
+                if lent is _spare:
+                    _spare = None  # the partial frame's buffer now
         partial = connection.partial_frame
         if partial >= _LARGE_FRAME:
             self.predict = partial
