@@ -272,11 +272,11 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             self.transport.write(_FULL)  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
 
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         self.active = True
         if self.client is None:
             if not self.closing_since:  # else refused, lingering: dropped
-                self._receive_handshake(bytes(data))  # a copy if a view: it may keep it
+                self._receive_handshake(data)
             return
         events = self.receive_data(data)
         if self._buffer is not None and self._need >= _LARGE_FRAME:
