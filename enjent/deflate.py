@@ -15,6 +15,13 @@ Protocol core (layer 1 of docs/architecture.md): no I/O. Memory is the design go
 
 A message that inflates past ``max_message_size`` stops decompression at
 the limit (the rest is never produced) and closes the connection with 1009.
+
+A message sent on as it came (the very object ``on_message`` received, e.g.
+an echo or a chat relay) is not compressed again when the client's
+compressed form can go out unchanged: it came in one frame, inflated on its
+own from a fresh state to a clean block boundary, and it fits in the
+recipient's window (see :meth:`PerMessageDeflate.encode_for`). Only the
+last such message of the process is kept (at most 32 KiB inflated).
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ __all__ = [
 ]
 
 _TAIL = b"\x00\x00\xff\xff"
+#: An empty final fixed-Huffman block: it ends a stream cleanly only when the
+#: inflater stands at a block boundary, byte-aligned (RFC 1951 §3.2.6).
+_END = b"\x03\x00"
+#: The largest inflated message kept for relaying (the largest window).
+_RELAY_MAX = 1 << 15
 _PARAMS = frozenset(
     {
         "server_no_context_takeover",
@@ -235,6 +247,35 @@ def _shared_negotiated(
     return negotiated
 
 
+class _Relay:
+    """The message last inflated on its own, with the compressed form it came in.
+
+    ``decode`` sets ``inflated`` and ``pending``; ``remember`` binds them to
+    the object handed to the application (``message``, ``compressed``);
+    ``encode_for`` forwards ``compressed`` when it is given that very object.
+    One per process: the binding is made as the message is parsed, and
+    holds until the next one.
+    """
+
+    __slots__ = ("compressed", "inflated", "message", "pending", "size")
+
+    def __init__(self) -> None:
+        self.compressed: bytes | None = None
+        self.pending: bytes | None = None
+        self.inflated: bytes | None = None
+        self.message: object = None
+        self.size = 0
+
+
+_RELAY = _Relay()
+
+
+def _self_contained(inflater: Decompressor) -> bool:
+    """Whether a message's inflater, fed its payload and the tail, stopped at a
+    clean block boundary (so the payload can go to another inflater as is)."""
+    return not inflater.unused_data and not inflater.decompress(_END) and inflater.eof
+
+
 class _SharedCompressors:
     """One compressor per (window, memory level, level), for stateless messages."""
 
@@ -317,6 +358,9 @@ class PerMessageDeflate:
                     CloseCode.MESSAGE_TOO_BIG,
                     f"message over the limit of {limit} bytes once decompressed",
                 )
+            if len(out) <= _RELAY_MAX and _self_contained(one_message):
+                relay = _RELAY
+                relay.inflated, relay.pending = out, bytes(payload)
             return out
         inflater = self._inflater
         if inflater is None:
@@ -343,6 +387,16 @@ class PerMessageDeflate:
     def max_message_size_exceeded(self) -> bool:
         return self._exceeded
 
+    @staticmethod
+    def remember(message: str | bytes, inflated: bytes) -> None:
+        """``message`` (handed to the application) is what :meth:`decode` just
+        inflated into ``inflated``: if that payload can be relayed, bind it to
+        the message for :meth:`encode_for`."""
+        relay = _RELAY
+        if relay.inflated is inflated:
+            relay.message, relay.compressed, relay.size = message, relay.pending, len(inflated)
+            relay.inflated = relay.pending = None
+
     # --------------------------------------------------------------- send
 
     @property
@@ -356,6 +410,29 @@ class PerMessageDeflate:
 
     def should_compress(self, size: int) -> bool:
         return self.negotiated.compress_bits != 0 and size >= self.options.min_size
+
+    def encode_for(self, message: object, data: bytes | bytearray | memoryview) -> bytes:
+        """:meth:`encode` for ``data``, the bytes of ``message`` (what the
+        application passed to ``send``): the compressed form the message came
+        in when it is the very object last received compressed and that form
+        can go out as it is (see the module's docstring).
+
+        A payload inflated alone from a fresh state refers to nothing before
+        it, and its distances are shorter than the message; so it decodes the
+        same in any inflater whose window holds the message. It goes only to
+        connections for which we keep no context (``server_no_context_takeover``),
+        as every message we send them is independent anyway.
+        """
+        relay = _RELAY
+        if message is relay.message and message is not None:
+            negotiated = self.negotiated
+            if negotiated.server_no_context_takeover and relay.size <= (
+                1 << negotiated.compress_bits
+            ):
+                compressed = relay.compressed
+                assert compressed is not None
+                return compressed
+        return self.encode(bytes(data))
 
     def encode(self, data: bytes) -> bytes:
         """Compress one whole message (RSV1 goes on its first frame)."""

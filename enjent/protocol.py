@@ -87,6 +87,10 @@ class Extension(Protocol):
 
     def max_message_size_exceeded(self) -> bool: ...
 
+    # Optional: ``remember(message, inflated)`` is told which message a
+    # single-frame payload was inflated into (PerMessageDeflate uses it to
+    # relay the compressed form; see ``enjent.deflate``).
+
 
 _UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
 #: Payloads from this size on are written next to their header, not copied into a frame.
@@ -432,15 +436,20 @@ class ServerProtocol:
                 if compressed:
                     payload = self._inflate(payload, fin=bool(fin))
                 if fin:
-                    events.append(_decode_text(payload) if opcode == _OPCODE_TEXT else payload)
+                    message = _decode_text(payload) if opcode == _OPCODE_TEXT else payload
+                    events.append(message)
+                    if compressed:
+                        remember = getattr(self.extension, "remember", None)
+                        if remember is not None:
+                            remember(message, payload)
                 else:
                     self._start_fragments(opcode, payload, compressed)
             elif opcode == _OPCODE_CONT:
                 if compressed:
                     payload = self._inflate(payload, fin=bool(fin))
-                message = self._add_fragment(payload, bool(fin))
-                if message is not None:
-                    events.append(message)
+                whole = self._add_fragment(payload, bool(fin))
+                if whole is not None:
+                    events.append(whole)
             elif opcode == _OPCODE_PING:
                 if self.state is State.OPEN:
                     self.queue_frame(encode_frame(_OPCODE_PONG, payload))
@@ -679,7 +688,7 @@ class ServerProtocol:
         rsv1 = False
         extension: Any = self.extension  # a PerMessageDeflate when negotiated
         if extension is not None and extension.should_compress(len(payload)):
-            payload, rsv1 = extension.encode(bytes(payload)), True
+            payload, rsv1 = extension.encode_for(data, payload), True
         if len(payload) < ZERO_COPY_MIN:
             return (encode_frame(opcode, payload, rsv1=rsv1),)
         if type(payload) is not bytes:
@@ -751,23 +760,31 @@ class OutgoingMessage:
     no context.
     """
 
-    __slots__ = ("_compressed", "frame", "opcode", "payload")
+    __slots__ = ("_compressed", "frame", "opcode", "payload", "source")
 
     def __init__(
-        self, opcode: int, payload: bytes | bytearray | memoryview, frame: bytes | None = None
+        self,
+        opcode: int,
+        payload: bytes | bytearray | memoryview,
+        frame: bytes | None = None,
+        *,
+        source: object = None,
     ) -> None:
         self.opcode = opcode
         self.payload = payload
         self.frame = frame if frame is not None else encode_frame(opcode, payload)
         self._compressed: dict[int, bytes] | None = None
+        #: What the application passed (a message it received may go out in
+        #: the compressed form it came in: ``PerMessageDeflate.encode_for``).
+        self.source = source
 
     @classmethod
     def of(cls, data: str | bytes | bytearray | memoryview) -> OutgoingMessage:
         """The message for ``data``: text for ``str``, binary otherwise."""
         if isinstance(data, str):
-            return cls(_OPCODE_TEXT, data.encode("utf-8"))
+            return cls(_OPCODE_TEXT, data.encode("utf-8"), source=data)
         if isinstance(data, bytes | bytearray | memoryview):
-            return cls(_OPCODE_BINARY, data)
+            return cls(_OPCODE_BINARY, data, source=data)
         raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
 
     @classmethod
@@ -789,6 +806,7 @@ class OutgoingMessage:
             cache = self._compressed = {}
         frame = cache.get(key)
         if frame is None:
-            frame = encode_frame(self.opcode, extension.encode(bytes(self.payload)), rsv1=True)
+            compressed = extension.encode_for(self.source, self.payload)
+            frame = encode_frame(self.opcode, compressed, rsv1=True)
             cache[key] = frame
         return frame

@@ -1023,3 +1023,214 @@ def test_an_agreement_with_context_takeover_is_never_shared() -> None:
         shared.decode(deflate_raw(b"x" * 100)[:10], fin=False, compressed=True)
     private = shared.private()
     assert not private.shared and private.negotiated is shared.negotiated
+
+
+# ------------------------------------- a received message sent on as it came
+
+
+def shared_extension(value: str = "permessage-deflate") -> PerMessageDeflate:
+    negotiated = negotiate([value], DEFAULT)
+    assert negotiated is not None and negotiated.no_context_takeover
+    return PerMessageDeflate(negotiated, DEFAULT, max_message_size=MiB, shared=True)
+
+
+def compress_ending(data: bytes, flush: int, level: int = 1) -> bytes:
+    """A client's compressed form of ``data``, ending with ``flush``."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
+    out = compressor.compress(data) + compressor.flush(flush)
+    return out[:-4] if out.endswith(TAIL) else out
+
+
+RELAYED = b'{"user": "ada", "text": "relayed as it came", "n": 1}' * 20
+
+
+def test_a_message_received_and_sent_on_is_its_compressed_form() -> None:
+    extension = shared_extension()
+    wire = deflate_raw(RELAYED, level=1)  # not what our level 6 would make
+    assert extension.encode(RELAYED) != wire
+    message = extension.decode(wire, fin=True, compressed=True)
+    extension.remember(message, message)
+    assert extension.encode_for(message, message) == wire
+    # the same bytes in another object: compressed by us
+    copy = b"".join([message[:10], message[10:]])
+    assert copy == message and copy is not message
+    assert extension.encode_for(copy, copy) == extension.encode(RELAYED)
+
+
+def test_a_binding_is_made_only_for_the_message_just_inflated() -> None:
+    extension = shared_extension()
+    first_wire = deflate_raw(RELAYED, level=1)
+    first = extension.decode(first_wire, fin=True, compressed=True)
+    extension.remember(first, first)
+    # a second message inflated but never handed over (its text was invalid, say)
+    second_data = b"a second message, never delivered " * 20
+    second_wire = deflate_raw(second_data, level=1)
+    second = extension.decode(second_wire, fin=True, compressed=True)
+    extension.remember(b"something else", b"something else")
+    assert extension.encode_for(first, first) == first_wire  # still its own bytes
+    assert extension.encode_for(second, second) == extension.encode(second_data)
+    # a private (fragmented) inflate binds nothing either
+    private = extension.private()
+    pieces = deflate_raw(second_data, level=1)
+    out = private.decode(pieces[:20], fin=False, compressed=True)
+    out += private.decode(pieces[20:], fin=True, compressed=True)
+    private.remember(out, out)
+    assert extension.encode_for(out, out) == extension.encode(second_data)
+
+
+def open_stored_block(data: bytes) -> bytes:
+    """A payload whose one stored block announces 10 bytes more than it holds:
+    it inflates to ``data`` and the tail, and leaves the inflater mid-block."""
+    length = len(data) + 10
+    return b"\x00" + length.to_bytes(2, "little") + (length ^ 0xFFFF).to_bytes(2, "little") + data
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [compress_ending(RELAYED, zlib.Z_FINISH), open_stored_block(RELAYED)],
+    ids=["final-block", "block-left-open"],
+)
+def test_a_payload_that_does_not_end_at_a_clean_boundary_is_compressed_again(
+    wire: bytes,
+) -> None:
+    """A final block, or a block left open, would leave a recipient's inflater
+    that keeps its state between messages where the next message cannot follow."""
+    extension = shared_extension()
+    message = extension.decode(wire, fin=True, compressed=True)
+    assert message.startswith(RELAYED)
+    extension.remember(message, message)
+    out = extension.encode_for(message, message)
+    assert out != wire and out == extension.encode(message)
+
+
+def inflate_streaming(payload: bytes, bits: int) -> bytes:
+    """Inflate as a recipient with a ``2**bits`` window and a small output
+    buffer does: older bytes only in the window (zlib reaches back into its
+    own output buffer when it is large, so one big call would not tell)."""
+    inflater = zlib.decompressobj(-bits)
+    out, data = [], payload + TAIL
+    while data:
+        out.append(inflater.decompress(data, 64))
+        data = inflater.unconsumed_tail
+    return b"".join(out)
+
+
+def test_a_message_larger_than_the_recipients_window_is_compressed_again() -> None:
+    sender = shared_extension()
+    narrow = shared_extension("permessage-deflate; server_max_window_bits=9")
+    assert narrow.negotiated.compress_bits == 9
+    block = os.urandom(60)
+    far = block + os.urandom(520) + block  # 640 bytes, a match 580 back: past 512
+    near = os.urandom(200) * 2  # 400 bytes: every distance inside it
+    for data, relayed in ((far, False), (near, True)):
+        wire = deflate_raw(data)
+        message = sender.decode(wire, fin=True, compressed=True)
+        sender.remember(message, message)
+        out = narrow.encode_for(message, message)
+        assert (out == wire) is relayed
+        assert inflate_streaming(out, 9) == data
+    with pytest.raises(zlib.error, match="too far back"):  # what relaying ``far`` would send
+        inflate_streaming(deflate_raw(far), 9)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.binary(min_size=128, max_size=3000) | st.text(min_size=128).map(str.encode),
+    level=st.integers(0, 9),
+    client_bits=st.integers(9, 15),
+    recipient_bits=st.integers(9, 15),
+    repeat=st.integers(1, 12),
+)
+def test_whatever_goes_out_decodes_in_the_recipients_window(
+    data: bytes, level: int, client_bits: int, recipient_bits: int, repeat: int
+) -> None:
+    sender = shared_extension()
+    recipient = shared_extension(f"permessage-deflate; server_max_window_bits={recipient_bits}")
+    message_data = (data * repeat)[: 1 << 15]
+    wire = deflate_raw(message_data, bits=client_bits, level=level)
+    message = sender.decode(wire, fin=True, compressed=True)
+    sender.remember(message, message)
+    out = recipient.encode_for(message, message)
+    assert inflate_streaming(out, recipient_bits) == message_data
+    inflater = zlib.decompressobj(-recipient_bits)
+    assert inflater.decompress(out + TAIL) == message_data
+    # and the recipient's inflater, kept, still reads what comes next
+    following = recipient.encode(b"the next message " * 10)
+    assert inflater.decompress(following + TAIL) == b"the next message " * 10
+
+
+def relay_server(**options: Any) -> WebSocketServer:
+    """Every message goes to every client (a chat room's relay)."""
+    options.setdefault("ping_interval", None)
+    server = WebSocketServer(**options)
+
+    @server.on_message
+    def relay(client: WebSocketClient, message: str | bytes) -> None:
+        server.broadcast(message)
+
+    return server
+
+
+@async_test
+async def test_an_echo_sends_back_the_clients_own_compressed_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = echo_server()
+    counter = CallCounter(monkeypatch)
+    async with server.serve(HOST, 0):
+        raw = await RawClient.connect(server.port)
+        try:
+            text = RELAYED.decode()
+            wire = deflate_raw(RELAYED, level=1)
+            counter.reset()
+            raw.send(1, wire, rsv1=True)
+            fin, rsv1, opcode, payload = await raw.recv_frame()
+            assert (fin, rsv1, opcode, payload) == (True, True, 1, wire)
+            assert counter.shared == 0
+            # in two frames: inflated by a private inflater, compressed by us
+            raw.send(1, wire[:30], fin=False, rsv1=True)
+            raw.send(0, wire[30:])
+            fin, rsv1, opcode, payload = await raw.recv_frame()
+            assert (fin, rsv1, opcode) == (True, True, 1)
+            assert payload != wire and inflate_raw(payload).decode() == text
+            assert counter.shared == 1
+        finally:
+            raw.close()
+
+
+@async_test
+async def test_a_relayed_message_reaches_each_client_in_its_own_terms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # our side keeps context unless asked not to: a client that asks for
+    # server_no_context_takeover can get the sender's bytes, one that does not
+    # gets a compression of its own stream
+    options = DeflateOptions(server_no_context_takeover=False)
+    server = relay_server(compression=options)
+    counter = CallCounter(monkeypatch)
+    stateless = "permessage-deflate; server_no_context_takeover; client_max_window_bits"
+    async with server.serve(HOST, 0):
+        sender = await RawClient.connect(server.port, offer=stateless)
+        alike = await RawClient.connect(server.port, offer=stateless)
+        keeping = await RawClient.connect(server.port, offer="permessage-deflate")
+        plain = await RawClient.connect(server.port, offer=None)
+        try:
+            assert keeping.extensions is not None
+            assert "server_no_context_takeover" not in keeping.extensions
+            await eventually(lambda: server.client_count == 4)
+            keeping_inflater = zlib.decompressobj(-15)
+            for index in range(3):
+                data = b'{"n": %d, "text": "relay me"} ' % index * 30
+                wire = deflate_raw(data, level=1)
+                counter.reset()
+                sender.send(2, wire, rsv1=True)
+                for client in (sender, alike):
+                    assert await client.recv_frame() == (True, True, 2, wire)
+                fin, rsv1, opcode, payload = await keeping.recv_frame()
+                assert (fin, rsv1, opcode) == (True, True, 2) and payload != wire
+                assert keeping_inflater.decompress(payload + TAIL) == data
+                assert await plain.recv_frame() == (True, False, 2, data)
+                assert counter.encode == 1 and counter.shared == 0
+        finally:
+            for client in (sender, alike, keeping, plain):
+                client.close()
