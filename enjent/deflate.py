@@ -19,8 +19,9 @@ the limit (the rest is never produced) and closes the connection with 1009.
 A message sent on as it came (the very object ``on_message`` received, e.g.
 an echo or a chat relay) is not compressed again when the client's
 compressed form can go out unchanged: it came in one frame, inflated on its
-own from a fresh state to a clean block boundary, and it fits in the
-recipient's window (see :meth:`PerMessageDeflate.encode_for`). Only the
+own from a fresh state to a clean block boundary, it fits in the
+recipient's window, and its compressed form is no more than a few bytes
+larger than the message (see :meth:`PerMessageDeflate.encode_for`). Only the
 last such message of the process is kept (at most 32 KiB inflated).
 """
 
@@ -50,6 +51,11 @@ _TAIL = b"\x00\x00\xff\xff"
 _END = b"\x03\x00"
 #: The largest inflated message kept for relaying (the largest window).
 _RELAY_MAX = 1 << 15
+#: How much larger than the message its relayed compressed form may be: a
+#: stored block's header and a flush (anything more, e.g. a payload padded
+#: with empty blocks, is compressed again, so that relaying a message to many
+#: clients never sends more than the message is worth).
+_RELAY_SLACK = 16
 _PARAMS = frozenset(
     {
         "server_no_context_takeover",
@@ -358,7 +364,11 @@ class PerMessageDeflate:
                     CloseCode.MESSAGE_TOO_BIG,
                     f"message over the limit of {limit} bytes once decompressed",
                 )
-            if len(out) <= _RELAY_MAX and _self_contained(one_message):
+            if (
+                len(out) <= _RELAY_MAX
+                and len(payload) <= len(out) + _RELAY_SLACK
+                and _self_contained(one_message)
+            ):
                 relay = _RELAY
                 relay.inflated, relay.pending = out, bytes(payload)
             return out

@@ -1103,6 +1103,22 @@ def test_a_payload_that_does_not_end_at_a_clean_boundary_is_compressed_again(
     assert out != wire and out == extension.encode(message)
 
 
+def test_a_payload_padded_past_the_message_is_compressed_again() -> None:
+    """Empty stored blocks inflate to nothing: relaying such a payload to a
+    room would send far more than the message is worth."""
+    extension = shared_extension()
+    plain = compress_ending(RELAYED, zlib.Z_SYNC_FLUSH)
+    # each piece ends the empty stored block the flush began, and begins another
+    padding = (TAIL + b"\x00") * (len(RELAYED) // 5)
+    for wire, relayed in ((plain, True), (plain + padding, False)):
+        message = extension.decode(wire, fin=True, compressed=True)
+        assert message == RELAYED
+        extension.remember(message, message)
+        out = extension.encode_for(message, message)
+        assert (out == wire) is relayed
+        assert len(out) <= len(plain)
+
+
 def inflate_streaming(payload: bytes, bits: int) -> bytes:
     """Inflate as a recipient with a ``2**bits`` window and a small output
     buffer does: older bytes only in the window (zlib reaches back into its
