@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds one broadcast may take to reach everyone",
     )
+    fan.add_argument(
+        "--decrypt-all",
+        action="store_true",
+        help="with --tls: every client decrypts what it gets; by default the receivers "
+        "count the TLS records of each broadcast without decrypting them once open, as "
+        "compressed ones are counted without inflating them (the sender and one checking "
+        "client decrypt and check everything)",
+    )
     hand = parser.add_argument_group("handshake")
     hand.add_argument(
         "--count", type=_positive_int, default=2000, help="connect-upgrade-close cycles"
@@ -310,6 +318,7 @@ def parse_config(argv: Sequence[str] | None) -> Config:
         broadcasts=args.broadcasts,
         payload=args.payload,
         round_timeout=args.round_timeout,
+        decrypt_all=args.decrypt_all,
         count=args.count,
         timeout=args.timeout,
         start_timeout=args.start_timeout,

@@ -20,7 +20,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from loadtest import wire
 
@@ -128,6 +128,9 @@ class WsClient(asyncio.BaseProtocol):
         "transport",
         "waiter",
     )
+
+    #: The client speaks TLS itself over a plain connection (`CountingTlsClient`).
+    own_tls: ClassVar[bool] = False
 
     def __init__(self, pool: ClientPool, index: int, host: str, port: int) -> None:
         self.pool = pool
@@ -295,6 +298,186 @@ class TlsWsClient(WsClient, asyncio.BufferedProtocol):
         self.data_received(_tls_read_buffer[:nbytes].tobytes())
 
 
+#: TLS 1.3 record layer (RFC 8446 §5): a 5-byte header, then the body; an application
+#: data record's body is the encrypted plaintext, its 1-byte inner content type and
+#: the AEAD tag (16 bytes for every TLS 1.3 cipher suite OpenSSL enables by default).
+_RECORD_HEADER = 5
+_APPLICATION_DATA = 23
+_TLS13_RECORD_OVERHEAD = 1 + 16
+_TLS13_16_BYTE_TAG_SUITES = frozenset(
+    {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
+)
+
+
+class RecordCounter:
+    """Follows the TLS record framing of a byte stream: where each record ends, and how
+    many plaintext bytes the application data records that ended carried (TLS 1.3)."""
+
+    __slots__ = ("header", "plaintext", "remaining")
+
+    def __init__(self) -> None:
+        self.header = bytearray()  # a record header being read
+        self.remaining = 0  # body bytes of the current record still to come
+        self.plaintext = 0  # plaintext of the current record (0: not application data)
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self.header and self.remaining == 0
+
+    def feed(self, data: bytes) -> int:
+        """The plaintext bytes of the application data records that ``data`` completed."""
+        done = 0
+        position, end = 0, len(data)
+        while position < end:
+            if self.remaining:
+                step = min(self.remaining, end - position)
+                position += step
+                self.remaining -= step
+                if not self.remaining:
+                    done += self.plaintext
+                continue
+            needed = _RECORD_HEADER - len(self.header)
+            self.header += data[position : position + needed]
+            position += needed
+            if len(self.header) < _RECORD_HEADER:
+                break
+            length = int.from_bytes(self.header[3:5], "big")
+            kind = self.header[0]
+            self.header.clear()
+            plaintext = length - _TLS13_RECORD_OVERHEAD if kind == _APPLICATION_DATA else 0
+            self.plaintext = max(plaintext, 0)
+            self.remaining = length
+            if not length:
+                done += self.plaintext
+        return done
+
+
+class _BioTransport:
+    """What a `WsClient` writes through when the client does TLS itself: encrypt, then
+    write the records to the TCP transport."""
+
+    __slots__ = ("outgoing", "raw", "tls")
+
+    def __init__(self, raw: asyncio.Transport, tls: ssl.SSLObject, outgoing: ssl.MemoryBIO):
+        self.raw, self.tls, self.outgoing = raw, tls, outgoing
+
+    def write(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.raw.write(self.outgoing.read())
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def abort(self) -> None:
+        self.raw.abort()
+
+
+class CountingTlsClient(WsClient):
+    """A client that does its own TLS (`ssl.MemoryBIO`) over a plain TCP connection, so
+    that it can stop decrypting: after `count_from_now`, each application data record
+    that arrives is counted by its length (TLS 1.3: the plaintext is the record less 17
+    bytes) and handed to ``on_plaintext`` undecrypted, as compressed fan-out deliveries
+    are counted without inflating them; one checking client of the run still decrypts
+    and checks everything. Its sending direction, which has its own keys and sequence
+    numbers, still works (a Close frame at the end); it can no longer read one.
+    """
+
+    __slots__ = ("counted", "handshaken", "incoming", "on_plaintext", "records", "tls")
+    own_tls = True
+
+    def __init__(self, pool: ClientPool, index: int, host: str, port: int) -> None:
+        super().__init__(pool, index, host, port)
+        self.incoming = ssl.MemoryBIO()
+        self.tls: ssl.SSLObject | None = None
+        self.records = RecordCounter()
+        self.handshaken = False
+        #: counting: plaintext bytes counted toward the next whole message
+        self.counted = 0
+        #: counting: called with the plaintext bytes of each record that ended
+        self.on_plaintext: Callable[[CountingTlsClient, int], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        raw = cast(asyncio.Transport, transport)
+        context = self.pool.ssl
+        assert context is not None
+        outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(
+            self.incoming, outgoing, server_hostname=self.pool.server_hostname
+        )
+        self.transport = cast(asyncio.Transport, _BioTransport(raw, self.tls, outgoing))
+        self._handshake()
+
+    def _handshake(self) -> bool:
+        """Drive the TLS handshake; True once it is done (the upgrade request is sent)."""
+        tls, transport = self.tls, self.transport
+        assert tls is not None and isinstance(transport, _BioTransport)
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            done = False
+        except ssl.SSLError as exc:
+            self.fail(f"TLS handshake failed: {exc}")
+            return False
+        else:
+            done = True
+        pending = transport.outgoing.read()
+        if pending:
+            transport.raw.write(pending)
+        if done:
+            self.handshaken = True
+            WsClient.connection_made(self, transport)  # the upgrade request
+        return done
+
+    def data_received(self, data: bytes) -> None:
+        plaintext = self.records.feed(data)
+        on_plaintext = self.on_plaintext
+        if on_plaintext is not None:
+            if plaintext:
+                on_plaintext(self, plaintext)
+            return
+        tls = self.tls
+        if tls is None:
+            return
+        self.incoming.write(data)
+        if not self.handshaken and not self._handshake():
+            return
+        chunks = []
+        while True:
+            try:
+                chunk = tls.read(64 * 1024)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # the peer's close_notify
+                break
+            except ssl.SSLError as exc:
+                self.fail(f"TLS: {exc}")
+                return
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if chunks:
+            WsClient.data_received(self, b"".join(chunks))
+
+    def count_from_now(self, on_plaintext: Callable[[CountingTlsClient, int], None]) -> bool:
+        """Stop decrypting; False if this connection cannot (not TLS 1.3 with a 16-byte
+        tag, or bytes of a record, or plaintext, still to be read)."""
+        tls = self.tls
+        if (
+            tls is None
+            or self.state != OPEN
+            or tls.version() != "TLSv1.3"
+            or (tls.cipher() or ("",))[0] not in _TLS13_16_BYTE_TAG_SUITES
+            or not self.records.at_boundary
+            or self.incoming.pending
+            or tls.pending()
+            or self.parser is None
+            or not self.parser.idle
+        ):
+            return False
+        self.on_plaintext = on_plaintext
+        return True
+
+
 class ClientPool:
     """All the clients of one run and their counters; scenarios subclass the hooks."""
 
@@ -367,7 +550,7 @@ class ClientPool:
         try:
             async with asyncio.timeout(timeout):
                 tls: dict[str, Any] = {}
-                if self.ssl is not None:
+                if self.ssl is not None and not client.own_tls:
                     tls = {"ssl": self.ssl, "server_hostname": self.server_hostname}
                 if source is None:
                     await loop.create_connection(lambda: client, self.host, self.port, **tls)

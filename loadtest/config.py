@@ -56,6 +56,9 @@ class Config:
     broadcasts: int = 100
     payload: int = 32
     round_timeout: float = 10.0
+    #: Fan-out over TLS: every receiver decrypts (default: all but the sender and one
+    #: checking client count records without decrypting them).
+    decrypt_all: bool = False
     # handshake
     count: int = 2000
     # runtime

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest import wire
-from loadtest.client import OPEN, ClientPool, WsClient, source_addresses
+from loadtest.client import OPEN, ClientPool, CountingTlsClient, WsClient, source_addresses
 from loadtest.config import Config
 from loadtest.measure import TreeSampler, latency_summary, percentile
 from loadtest.report import Progress, format_bytes
@@ -545,7 +545,9 @@ class FanoutPool(ClientPool):
 
     A compressed broadcast (permessage-deflate agreed) is counted as the current one
     without inflating it; the checker, one such client, inflates all it gets and checks
-    each broadcast's number and order.
+    each broadcast's number and order. Over TLS (unless `--decrypt-all`), the receivers
+    other than the sender and one checking client count each broadcast by the plaintext
+    length of the TLS records that carry it, without decrypting them (`CountingTlsClient`).
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -567,6 +569,25 @@ class FanoutPool(ClientPool):
         self.sender: WsClient | None = None
         self.finished = asyncio.Event()
         self.last_progress = time.monotonic()
+        #: over TLS: connect receivers that can count records without decrypting them
+        self.count_tls = False
+        #: the length of one broadcast's frame, as the server sends it (counting clients)
+        self.delivery_size = 0
+        self.counting: list[CountingTlsClient] = []
+
+    @property
+    def client_class(self) -> type[WsClient]:
+        if self.ssl is not None and self.count_tls:
+            return CountingTlsClient
+        return super().client_class
+
+    def on_plaintext(self, client: CountingTlsClient, nbytes: int) -> None:
+        """A counting client got ``nbytes`` of plaintext: whole broadcasts are deliveries."""
+        total, size = client.counted + nbytes, self.delivery_size
+        while total >= size:
+            total -= size
+            self._delivered(client, self.current)
+        client.counted = total
 
     def send_round(self, number: int) -> None:
         if number >= len(self.frames) or self.sender is None:
@@ -615,6 +636,8 @@ async def run_fanout(
     result = RunResult(server.kind.name)
     pool = FanoutPool(cfg.host, cfg.port or server.port)
     prepare_pool(pool, cfg)
+    # compressed deliveries differ in size: counted as compressed frames, so decrypted
+    pool.count_tls = cfg.tls_files is not None and not cfg.decrypt_all and not cfg.offer_deflate
     seconds = await connect_clients(pool, cfg, cfg.clients, progress, rate=0)
     result.metrics.update(connection_metrics(pool, seconds))
     connection_checks(result, pool, cfg.clients)
@@ -627,6 +650,7 @@ async def run_fanout(
     rng = random.Random(cfg.seed)
     pool.sender = open_clients[0]
     pool.checker = next((c for c in reversed(open_clients) if c.deflate_bits), None)
+    delivery_sizes = set()
     for number in range(cfg.broadcasts):
         if cfg.content == "json":
             body = f"{number:08d}".encode() + json_like(rng, max(cfg.payload - 8, 0))
@@ -634,6 +658,7 @@ async def run_fanout(
             body = f"{number:08d}".ljust(max(cfg.payload, 8), "x").encode()
         mask = rng.randbytes(4)
         request = BROADCAST_PREFIX + body
+        delivery_sizes.add(len(wire.encode_frame(wire.Opcode.TEXT, body)))
         pool.frames.append(wire.encode_frame(wire.Opcode.TEXT, request, mask=mask))
         if pool.sender.deflate_bits:
             compressed = wire.deflate_message(request, pool.sender.deflate_bits)
@@ -642,6 +667,13 @@ async def run_fanout(
             )
     pool.expected = len(open_clients)
     await asyncio.sleep(0.2)
+    if pool.count_tls and len(delivery_sizes) == 1 and len(open_clients) > 2:
+        (pool.delivery_size,) = delivery_sizes
+        tls_checker = open_clients[-1]  # decrypts and checks every broadcast
+        for client in open_clients[1:-1]:
+            assert isinstance(client, CountingTlsClient) and client is not tls_checker
+            if client.count_from_now(pool.on_plaintext):
+                pool.counting.append(client)
     window = sampler.begin_window()
     started = time.perf_counter()
     pool.last_progress = time.monotonic()
@@ -668,6 +700,11 @@ async def run_fanout(
     )
     result.check(pool.foreign == 0, f"{pool.foreign} messages that were not the current broadcast")
     result.check(pool.out_of_order == 0, f"{pool.out_of_order} broadcasts arrived out of order")
+    leftover = sum(client.counted for client in pool.counting)
+    result.check(
+        leftover == 0,
+        f"{leftover} bytes of TLS records counted that were not whole broadcasts",
+    )
     if pool.compressed:
         result.check(
             pool.checker is not None and pool.checker.data >= rounds - 1,
@@ -690,6 +727,11 @@ async def run_fanout(
             **(
                 {"fanout_compressed_fraction": pool.compressed / max(pool.deliveries, 1)}
                 if pool.offer is not None
+                else {}
+            ),
+            **(
+                {"fanout_undecrypted_clients": len(pool.counting)}
+                if cfg.tls_files is not None
                 else {}
             ),
             "server_cpu_percent": stats["server_cpu_percent"],

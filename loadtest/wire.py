@@ -253,6 +253,11 @@ class FrameParser:
         self.max_message = max_message
         self.compressed = compressed
 
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered: no partial frame, no fragmented message under way."""
+        return not self._buffer and not self._fragments and self._fragment_opcode < 0
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Consume `data`; return every message it completes, in order."""
         buffered = bool(self._buffer)

@@ -32,6 +32,7 @@ from loadtest.cli import main  # noqa: E402
 from loadtest.client import (  # noqa: E402
     ClientPool,
     LoopbackOnlyError,
+    RecordCounter,
     WsClient,
     check_loopback,
     source_addresses,
@@ -635,7 +636,56 @@ def test_echo_and_fanout_over_tls(tmp_path: Path, server: str) -> None:
         "--no-chart",
     )
     assert code == 0, output
-    assert only_run(document, server)["metrics"]["fanout_deliveries"] == 50
+    metrics = only_run(document, server)["metrics"]
+    assert metrics["fanout_deliveries"] == 50
+    # all but the sender and the checking client counted records without decrypting
+    assert metrics["fanout_undecrypted_clients"] == 8
+    code, document, output = run_loadtest(
+        tmp_path,
+        "fanout",
+        "--server",
+        server,
+        "--tls",
+        "--decrypt-all",
+        "--clients",
+        "4",
+        "--broadcasts",
+        "3",
+        "--no-chart",
+    )
+    assert code == 0, output
+    metrics = only_run(document, server)["metrics"]
+    assert metrics["fanout_deliveries"] == 12
+    assert metrics["fanout_undecrypted_clients"] == 0
+
+
+def tls13_records(plaintexts: list[int], kinds: list[int]) -> bytes:
+    """TLS records as they travel: header, then a body of plaintext + 17 (TLS 1.3)."""
+    out = bytearray()
+    for size, kind in zip(plaintexts, kinds, strict=True):
+        length = size + 17 if kind == 23 else size
+        out += bytes([kind, 3, 3]) + length.to_bytes(2, "big") + os.urandom(length)
+    return bytes(out)
+
+
+def test_record_counter_counts_plaintext_at_every_cut() -> None:
+    """The plaintext of application data records, counted when each record ends,
+    whatever the reads; other records (an alert, say) count nothing."""
+    sizes, kinds = [1028, 0, 5, 16384, 2], [23, 23, 21, 23, 23]
+    stream = tls13_records(sizes, kinds)
+    expected = 1028 + 0 + 16384 + 2
+    rng = random.Random(7)
+    for _ in range(200):
+        counter, total, position = RecordCounter(), 0, 0
+        while position < len(stream):
+            step = rng.choice([1, 2, 3, 5, 7, 100, 1500, 20000])
+            total += counter.feed(stream[position : position + step])
+            position += step
+        assert total == expected and counter.at_boundary
+    counter = RecordCounter()
+    assert counter.feed(stream[:-1]) == expected - 2  # the last record not yet whole
+    assert not counter.at_boundary
+    assert counter.feed(stream[-1:]) == 2 and counter.at_boundary
 
 
 @pytest.mark.skipif(not HAS_WEBSOCKETS, reason="websockets is not installed")
