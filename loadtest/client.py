@@ -1,7 +1,8 @@
 """Raw WebSocket clients on asyncio Protocols, many per event loop, for load generation.
 
 Layer 5 of docs/architecture.md. One `WsClient` per connection (a streaming asyncio
-protocol with `__slots__`, no task of its own; `TlsWsClient` over TLS) feeds bytes to
+protocol with `__slots__`, no task of its own; `TlsWsClient` over TLS, `CountingTlsClient`
+for fan-out receivers that count TLS records without decrypting them) feeds bytes to
 `wire.FrameParser` and reports to a shared `ClientPool`, which each scenario subclasses to
 react to messages.
 """
