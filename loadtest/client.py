@@ -347,9 +347,7 @@ class RecordCounter:
             self.header.clear()
             plaintext = length - _TLS13_RECORD_OVERHEAD if kind == _APPLICATION_DATA else 0
             self.plaintext = max(plaintext, 0)
-            self.remaining = length
-            if not length:
-                done += self.plaintext
+            self.remaining = length  # an empty record carries no plaintext either
         return done
 
 

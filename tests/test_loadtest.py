@@ -623,40 +623,31 @@ def test_echo_and_fanout_over_tls(tmp_path: Path, server: str) -> None:
     for key in ("100B", "204800B"):
         detail = run["details"]["sizes"][key]
         assert detail["sent"] == detail["received"] == detail["measured"] == 100
+    # all but the sender and the checking client count records without decrypting
+    assert tls_fanout(tmp_path, server, clients=10, broadcasts=5) == (50, 8)
+    assert tls_fanout(tmp_path, server, "--decrypt-all", clients=4, broadcasts=3) == (12, 0)
+
+
+def tls_fanout(
+    tmp_path: Path, server: str, *args: str, clients: int, broadcasts: int
+) -> tuple[int, int]:
+    """A fan-out over TLS: (deliveries, receivers that counted without decrypting)."""
     code, document, output = run_loadtest(
         tmp_path,
         "fanout",
         "--server",
         server,
         "--tls",
+        *args,
         "--clients",
-        "10",
+        str(clients),
         "--broadcasts",
-        "5",
+        str(broadcasts),
         "--no-chart",
     )
     assert code == 0, output
     metrics = only_run(document, server)["metrics"]
-    assert metrics["fanout_deliveries"] == 50
-    # all but the sender and the checking client counted records without decrypting
-    assert metrics["fanout_undecrypted_clients"] == 8
-    code, document, output = run_loadtest(
-        tmp_path,
-        "fanout",
-        "--server",
-        server,
-        "--tls",
-        "--decrypt-all",
-        "--clients",
-        "4",
-        "--broadcasts",
-        "3",
-        "--no-chart",
-    )
-    assert code == 0, output
-    metrics = only_run(document, server)["metrics"]
-    assert metrics["fanout_deliveries"] == 12
-    assert metrics["fanout_undecrypted_clients"] == 0
+    return metrics["fanout_deliveries"], metrics["fanout_undecrypted_clients"]
 
 
 def tls13_records(plaintexts: list[int], kinds: list[int]) -> bytes:
