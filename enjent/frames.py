@@ -72,6 +72,11 @@ def is_valid_close_code(code: int) -> bool:
 _HEADER_7 = struct.Struct("!BB")
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
+#: The two-byte headers of final, unmasked text and binary frames of 0-125
+#: payload bytes, made once (indexed by the length): the frame a server sends
+#: most is one of these plus its payload, with no header built per message.
+SHORT_TEXT_HEADERS = tuple(bytes((0x81, n)) for n in range(126))
+SHORT_BINARY_HEADERS = tuple(bytes((0x82, n)) for n in range(126))
 
 
 def frame_header(opcode: int, length: int, *, rsv1: bool = False) -> bytes:
@@ -105,6 +110,10 @@ def encode_frame(
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     length = len(payload)
     if mask is None and length < 126:  # a server's small frame: the hot path
+        if first == 0x82:
+            return SHORT_BINARY_HEADERS[length] + payload
+        if first == 0x81:
+            return SHORT_TEXT_HEADERS[length] + payload
         return bytes((first, length)) + payload
     mask_bit = 0x80 if mask is not None else 0
     if length < 126:

@@ -13,7 +13,13 @@ from typing import TypeAlias
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
-__all__ = ["HAVE_SPEEDUPS", "apply_mask", "apply_mask_python"]
+__all__ = [
+    "HAVE_SPEEDUPS",
+    "apply_mask",
+    "apply_mask_python",
+    "unmask_frame",
+    "unmask_frame_python",
+]
 
 
 def apply_mask_python(data: Buffer, mask: Buffer) -> bytes:
@@ -30,15 +36,33 @@ def apply_mask_python(data: Buffer, mask: Buffer) -> bytes:
     return value.to_bytes(length, "little")
 
 
+def unmask_frame_python(data: Buffer, start: int, stop: int) -> bytes:
+    """``data[start:stop]`` unmasked with the key ``data[start - 4:start]``.
+
+    A frame's masking key comes just before its payload (RFC 6455 §5.2): the
+    parser hands over where the payload is in the read, not two slices.
+    """
+    if not 4 <= start <= stop <= len(data):
+        raise ValueError(
+            f"need 4 <= start <= stop <= len(data), got start={start} stop={stop} len={len(data)}"
+        )
+    view = memoryview(data)
+    return apply_mask_python(view[start:stop], view[start - 4 : start])
+
+
 #: XOR a payload with a masking key: the C helper when built, else Python.
 #: ``ENJENT_NO_SPEEDUPS=1`` in the environment forces the fallback.
 apply_mask: Callable[[Buffer, Buffer], bytes] = apply_mask_python
+#: Unmask a payload in place in the read: the C helper when built, else Python.
+unmask_frame: Callable[[Buffer, int, int], bytes] = unmask_frame_python
 HAVE_SPEEDUPS = False
 if os.environ.get("ENJENT_NO_SPEEDUPS", "") in ("", "0"):
     try:
         from ._speedups import apply_mask as _c_apply_mask
-    except ImportError:  # no compiler at install time: the fallback is complete
+        from ._speedups import unmask_frame as _c_unmask_frame
+    except ImportError:  # no compiler at install time (or an older build): the fallback is complete
         pass
     else:
         apply_mask = _c_apply_mask
+        unmask_frame = _c_unmask_frame
         HAVE_SPEEDUPS = True

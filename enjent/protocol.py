@@ -19,6 +19,8 @@ from typing import Any, Protocol, TypeAlias
 from .exceptions import ProtocolError
 from .frames import (
     MAX_CONTROL_PAYLOAD,
+    SHORT_BINARY_HEADERS,
+    SHORT_TEXT_HEADERS,
     CloseCode,
     Opcode,
     encode_close_payload,
@@ -26,7 +28,7 @@ from .frames import (
     frame_header,
     parse_close_payload,
 )
-from .mask import apply_mask
+from .mask import apply_mask, unmask_frame
 
 __all__ = [
     "Close",
@@ -95,6 +97,9 @@ class Extension(Protocol):
 _UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
 #: Payloads from this size on are written next to their header, not copied into a frame.
 ZERO_COPY_MIN = 16 * 1024
+#: What a binary message may be, besides ``bytes`` (checked as a tuple: a
+#: ``X | Y`` union makes ``isinstance`` several times slower).
+_BUFFER_TYPES = (bytes, bytearray, memoryview)
 #: Frames from this size on may be read straight into their own buffer (read_into).
 DIRECT_READ = 16 * 1024
 
@@ -358,8 +363,7 @@ class ServerProtocol:
                     if first == 0x81 and end >= pos + header:
                         self._start_partial(data, pos, header, end, continued=False)
                     break
-                key = data[pos + header - 4 : pos + header]
-                payload = apply_mask(view[pos + header : stop], key)
+                payload = unmask_frame(data, pos + header, stop)
                 pos = stop
                 if first == 0x81:
                     try:  # _decode_text, inlined: this is the hot path
@@ -429,7 +433,7 @@ class ServerProtocol:
                 if text and not compressed and end >= pos + header:
                     self._start_partial(data, pos, header, end, continued=opcode == _OPCODE_CONT)
                 break
-            payload = apply_mask(view[pos + header : stop], data[pos + header - 4 : pos + header])
+            payload = unmask_frame(data, pos + header, stop)
             pos = stop
 
             if opcode == _OPCODE_TEXT or opcode == _OPCODE_BINARY:
@@ -680,20 +684,29 @@ class ServerProtocol:
         if type(data) is str:
             opcode = _OPCODE_TEXT
             payload: bytes | bytearray | memoryview = data.encode("utf-8")
-        elif isinstance(data, bytes | bytearray | memoryview):
+            short = SHORT_TEXT_HEADERS
+        elif type(data) is bytes or isinstance(data, _BUFFER_TYPES):
             opcode = _OPCODE_BINARY
             payload = data
+            short = SHORT_BINARY_HEADERS
+        elif isinstance(data, str):  # a subclass of str
+            return self.message_chunks(str(data))
         else:
             raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
-        rsv1 = False
         extension: Any = self.extension  # a PerMessageDeflate when negotiated
         if extension is not None and extension.should_compress(len(payload)):
-            payload, rsv1 = extension.encode_for(data, payload), True
-        if len(payload) < ZERO_COPY_MIN:
-            return (encode_frame(opcode, payload, rsv1=rsv1),)
+            compressed = extension.encode_for(data, payload)
+            if len(compressed) < ZERO_COPY_MIN:
+                return (encode_frame(opcode, compressed, rsv1=True),)
+            return frame_header(opcode, len(compressed), rsv1=True), compressed
+        size = len(payload)
+        if size < 126:  # the small frame of most messages: a header made once, then the payload
+            return (short[size] + payload,)
+        if size < ZERO_COPY_MIN:
+            return (encode_frame(opcode, payload),)
         if type(payload) is not bytes:
             payload = bytes(payload)  # a buffer the caller may change: one copy, now
-        return frame_header(opcode, len(payload), rsv1=rsv1), payload
+        return frame_header(opcode, size), payload
 
     def should_half_close(self) -> bool:
         """True once, when the WebSocket is closed and everything we had to send is out.
@@ -783,7 +796,7 @@ class OutgoingMessage:
         """The message for ``data``: text for ``str``, binary otherwise."""
         if isinstance(data, str):
             return cls(_OPCODE_TEXT, data.encode("utf-8"), source=data)
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, _BUFFER_TYPES):
             return cls(_OPCODE_BINARY, data, source=data)
         raise TypeError(f"a message is str or bytes, not {type(data).__name__}")
 

@@ -13,12 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from enjent import mask as mask_module
-from enjent.mask import apply_mask_python
+from enjent.mask import apply_mask_python, unmask_frame_python
 
 try:
     from enjent._speedups import apply_mask as apply_mask_c
+    from enjent._speedups import unmask_frame as unmask_frame_c
 except ImportError:
     apply_mask_c = None
+    unmask_frame_c = None
 
 needs_speedups = pytest.mark.skipif(
     apply_mask_c is None,
@@ -84,6 +86,7 @@ def test_zero_mask_is_identity(apply_mask: MaskFunction) -> None:
 def test_module_uses_speedups_when_built() -> None:
     assert mask_module.HAVE_SPEEDUPS
     assert mask_module.apply_mask is apply_mask_c
+    assert mask_module.unmask_frame is unmask_frame_c
 
 
 @needs_speedups
@@ -166,3 +169,64 @@ def test_c_rejects_non_contiguous_view() -> None:
 def test_c_rejects_wrong_argument_count(args: tuple[bytes, ...]) -> None:
     with pytest.raises(TypeError, match="exactly 2 arguments"):
         apply_mask_c(*args)
+
+
+# -- unmask_frame: a payload unmasked where it lies in the read ----------------
+
+UNMASK_IMPLEMENTATIONS = [
+    pytest.param(unmask_frame_python, id="python"),
+    pytest.param(unmask_frame_c, id="c", marks=needs_speedups),
+]
+
+UnmaskFunction = Callable[[bytes | bytearray | memoryview, int, int], bytes]
+
+
+@pytest.mark.parametrize("unmask_frame", UNMASK_IMPLEMENTATIONS)
+@given(
+    before=st.binary(max_size=40),
+    mask=masks,
+    payload=payloads,
+    after=st.binary(max_size=40),
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+)
+def test_unmask_frame_is_apply_mask_with_the_key_before_the_payload(
+    unmask_frame: UnmaskFunction,
+    before: bytes,
+    mask: bytes,
+    payload: bytes,
+    after: bytes,
+    kind: Callable[[bytes], bytes | bytearray | memoryview],
+) -> None:
+    """What the parser does for each frame: the key is the 4 bytes before the payload."""
+    read = before + mask + apply_mask_python(payload, mask) + after
+    start = len(before) + 4
+    unmasked = unmask_frame(kind(read), start, start + len(payload))
+    assert type(unmasked) is bytes
+    assert unmasked == payload
+
+
+@pytest.mark.parametrize("unmask_frame", UNMASK_IMPLEMENTATIONS)
+def test_unmask_frame_of_a_view_counts_from_the_view(unmask_frame: UnmaskFunction) -> None:
+    """A view that starts inside a buffer: offsets are the view's, not the buffer's."""
+    mask = b"\x37\xfa\x21\x3d"
+    buffer = bytearray(b"junk" + mask + apply_mask_python(b"Hello", mask))
+    assert unmask_frame(memoryview(buffer)[4:], 4, 9) == b"Hello"
+
+
+@pytest.mark.parametrize("unmask_frame", UNMASK_IMPLEMENTATIONS)
+@pytest.mark.parametrize(("start", "stop"), [(3, 5), (0, 0), (6, 5), (4, 11), (-1, 4), (4, -1)])
+def test_unmask_frame_rejects_bounds_outside_the_data(
+    unmask_frame: UnmaskFunction, start: int, stop: int
+) -> None:
+    with pytest.raises(ValueError, match="start <= stop"):
+        unmask_frame(b"0123456789", start, stop)
+
+
+@needs_speedups
+def test_c_unmask_frame_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="exactly 3 arguments"):
+        unmask_frame_c(b"data", 4)
+    with pytest.raises(TypeError):
+        unmask_frame_c("text and more", 4, 6)
+    with pytest.raises(TypeError):
+        unmask_frame_c(b"0123456789", "4", 6)

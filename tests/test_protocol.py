@@ -649,6 +649,50 @@ def test_a_large_bytes_payload_is_written_next_to_its_header_not_copied() -> Non
     assert protocol.encode_message(payload) == encode_frame(Opcode.BINARY, payload)
 
 
+class _Text(str):
+    pass
+
+
+class _Blob(bytes):
+    pass
+
+
+@pytest.mark.parametrize("length", [*range(0, 131), 1000, 65535, 65536])
+def test_every_message_type_and_small_length_encodes_to_the_frame_rfc_6455_describes(
+    length: int,
+) -> None:
+    """The frame ``send`` writes, checked against the header built here byte by byte.
+
+    Small frames take a header made once per length (0-125), larger ones
+    the 16- and 64-bit forms; str (and its subclasses) is text, every
+    bytes-like object binary.
+    """
+    protocol = ServerProtocol()
+
+    def expected(first: int, payload: bytes) -> bytes:
+        if len(payload) < 126:
+            header = bytes([first, len(payload)])
+        elif len(payload) < 65536:
+            header = bytes([first, 126]) + len(payload).to_bytes(2, "big")
+        else:
+            header = bytes([first, 127]) + len(payload).to_bytes(8, "big")
+        return header + payload
+
+    data = bytes(i % 251 for i in range(length))
+    text = "a" * length
+    for message, first, payload in [
+        (data, 0x82, data),
+        (bytearray(data), 0x82, data),
+        (memoryview(data), 0x82, data),
+        (_Blob(data), 0x82, data),
+        (text, 0x81, text.encode()),
+        (_Text(text), 0x81, text.encode()),
+    ]:
+        assert protocol.encode_message(message) == expected(first, payload), type(message)
+    with pytest.raises(TypeError, match="str or bytes, not int"):
+        protocol.encode_message(5)  # type: ignore[arg-type]
+
+
 def test_large_and_small_answers_of_one_read_keep_their_order() -> None:
     """Queued during a read, written as buffers (vectored) or joined: the same bytes in order."""
     import asyncio

@@ -558,20 +558,26 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         write, never copied into a frame (:meth:`ServerProtocol.message_chunks`).
         """
         chunks = self.message_chunks(data)
-        if len(chunks) == 1:
-            frame = chunks[0]
-            if self.state is _OPEN and not self.paused and not self.batching:  # the common case
+        frame = chunks[0]
+        size = len(frame) if len(chunks) == 1 else len(frame) + len(chunks[1])
+        if self.state is _OPEN and not self.paused:  # the common case
+            if self.batching:  # an answer to this client's read: queued for its one write
+                state = self.state_of_server
+                if state.batch_queued > state.options.limits.write_limit:
+                    self._slow_consumer()
+                    return False
+                state.batch_queued += size
+                pending = self.pending
+                if pending is None:
+                    self.pending = list(chunks)
+                else:
+                    pending += chunks
+            elif len(chunks) == 1:
                 self.transport.write(frame)  # type: ignore[union-attr]
-            elif not self.send_frame(frame):
-                return False
-            size = len(frame)
-        else:
-            header, payload = chunks
-            if self.state is _OPEN and not self.paused and not self.batching:
+            else:
                 self.transport.writelines(chunks)  # type: ignore[union-attr]
-            elif not self.send_frame(header, payload):
-                return False
-            size = len(header) + len(payload)
+        elif not self.send_frame(*chunks):
+            return False
         stats = self.state_of_server.stats
         stats["messages_sent"] += 1
         stats["bytes_sent"] += size
