@@ -753,3 +753,42 @@ def test_transport_floor_smoke() -> None:
     assert output.startswith("bare uvloop server: ")
     per_connection = int(output.split(": ")[1].split(" B")[0].replace(",", ""))
     assert 0 < per_connection < 64 * 1024
+
+
+def test_kernel_send_reports_every_slice_of_every_run(tmp_path: Path) -> None:
+    out = tmp_path / "sends.json"
+    output = _module(
+        "kernel_send",
+        "--runs",
+        "2",
+        "--slices",
+        "3",
+        "--sends",
+        "50",
+        "--size",
+        "4096",
+        "--sender-cpu",
+        "-1",
+        "--reader-cpu",
+        "-1",
+        "--json",
+        str(out),
+    )
+    report = json.loads(out.read_text())
+    assert report["size"] == 4096 and report["sends"] == 50
+    assert [len(run) for run in report["runs"]] == [3, 3]
+    assert all(value > 0 for run in report["runs"] for value in run)
+    assert [line.split(":")[0] for line in output.splitlines()[:2]] == ["run   1", "run   2"]
+    assert "run medians:" in output
+
+
+def test_kernel_send_refuses_a_cpu_it_may_not_use() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.kernel_send", "--sender-cpu", "4096"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--sender-cpu 4096: this process may use CPUs" in done.stderr
