@@ -792,3 +792,33 @@ def test_kernel_send_refuses_a_cpu_it_may_not_use() -> None:
     )
     assert done.returncode == 2
     assert "--sender-cpu 4096: this process may use CPUs" in done.stderr
+
+
+def test_echo_path_answers_every_message_and_reports_each_repeat() -> None:
+    """The in-process echo path: every message answered (the tool checks the bytes)."""
+    output = _module(
+        "echo_path",
+        "--messages",
+        "2048",
+        "--repeat",
+        "2",
+        "--connections",
+        "4",
+        "--size",
+        "200",
+    )
+    lines = output.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["repeat 1", "repeat 2"]
+    assert all(float(line.split(": ")[1].split(" ")[0]) > 0 for line in lines)
+
+
+def test_echo_path_fails_when_answers_go_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from loadtest import echo_path
+
+    monkeypatch.setattr(echo_path.CountingTransport, "write", lambda self, data: None)
+    with pytest.raises(RuntimeError, match="bytes of answers, expected"):
+        asyncio.run(
+            echo_path.run(size=10, per_read=2, connections=2, messages=40, repeat=1, seed=1)
+        )
