@@ -771,10 +771,15 @@ def test_kernel_send_reports_every_slice_of_every_run(tmp_path: Path) -> None:
         "-1",
         "--reader-cpu",
         "-1",
+        "--touch-mib",
+        "8",
         "--json",
         str(out),
     )
     report = json.loads(out.read_text())
+    assert len(report["first_touch_us"]) == 2
+    assert all(value > 0 for value in report["first_touch_us"])
+    assert "first write to a new page (8 MiB)" in output
     assert report["size"] == 4096 and report["sends"] == 50
     assert [len(run) for run in report["runs"]] == [3, 3]
     assert all(value > 0 for run in report["runs"] for value in run)
