@@ -214,6 +214,7 @@ def test_the_load_generator_never_imports_enjent() -> None:
         "room_bench.py",
         "deflate_memory.py",
         "hangup_bench.py",
+        "echo_path.py",
         "cluster_app.py",
     }
     importers = []
