@@ -317,7 +317,6 @@ class ServerProtocol:
 
     def _parse(self, data: bytes | bytearray | memoryview, events: list[Event], pos: int) -> int:
         """Parse every complete frame of ``data`` from ``pos``; return where it stopped."""
-        view = memoryview(data)
         end = len(data)
         max_size = self.max_message_size
         while end - pos >= 2:
@@ -340,7 +339,7 @@ class ServerProtocol:
                 if end - pos < 10:
                     self._need = 10
                     break
-                length = int.from_bytes(view[pos + 2 : pos + 10], "big")
+                length = int.from_bytes(memoryview(data)[pos + 2 : pos + 10], "big")
                 if length >> 63:
                     raise ProtocolError(CloseCode.PROTOCOL_ERROR, "64-bit length with MSB set")
                 if length < 65536:

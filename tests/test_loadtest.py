@@ -718,14 +718,18 @@ def test_pool_counts_a_refused_connection() -> None:
 # -- the in-process micro-benchmarks: small, fast runs so that they cannot rot -----
 
 
-def _module(name: str, *args: str) -> str:
-    done = subprocess.run(
+def _run_module(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", f"loadtest.{name}", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def _module(name: str, *args: str) -> str:
+    done = _run_module(name, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -788,13 +792,7 @@ def test_kernel_send_reports_every_slice_of_every_run(tmp_path: Path) -> None:
 
 
 def test_kernel_send_refuses_a_cpu_it_may_not_use() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest.kernel_send", "--sender-cpu", "4096"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run_module("kernel_send", "--sender-cpu", "4096")
     assert done.returncode == 2
     assert "--sender-cpu 4096: this process may use CPUs" in done.stderr
 
