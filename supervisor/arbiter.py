@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 from enjent.cluster.natsbus import NatsConfig, host_shard_base
 from enjent.server.running import tune_allocator
 
-from .warmup import warm_up
+from .warmup import fill_allocator_pools, warm_up
 from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
@@ -175,6 +175,7 @@ class Arbiter:
         # collector of every child from touching (copying) it
         warm_up()
         gc.collect()
+        fill_allocator_pools()
         gc.freeze()
         try:
             if self.bus is None:
