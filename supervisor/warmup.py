@@ -10,6 +10,10 @@ the modules and the specialized code are then shared by every worker.
 Measured at 8 workers, before any client: 41.7 MiB of whole-tree USS
 instead of 58.4 (``loadtest/RESULTS.md``).
 
+Then, with :func:`fill_allocator_pools`, it takes the free blocks left in
+its small-object allocator's pools, so that a worker's own objects do not
+land on pages it shares with the supervisor.
+
 It takes a few tens of milliseconds; any failure (no loopback, no free
 port) is logged at debug level and ignored: it is an optimization only.
 """
@@ -123,14 +127,14 @@ def _filler(size: int) -> object:
 def fill_allocator_pools(passes: int = 3) -> int:
     """Use up the free blocks of the small-object pools the supervisor has in use.
 
-    A forked worker's first allocations would otherwise go into those blocks,
-    each landing on a page it shares with the supervisor's live objects: the
-    page is copied into the worker whole (measured: ~300 KiB per worker for its
-    first ten clients). With the blocks taken, a worker's objects go to pools of
-    its own. Measured at 8 workers (``loadtest/RESULTS.md``): ~130 KiB less
-    USS per worker at start, 2 MiB less for the whole tree with 8000 idle
-    clients. What a worker still copies for its first clients are pages of
-    objects whose reference counts it changes, which no filling avoids.
+    A forked worker's allocations would otherwise go first into those
+    blocks, each on a page shared with the supervisor's live objects, which
+    the worker then copies whole. With the blocks taken, a worker's objects
+    go to pools of its own. Measured at 8 workers (``loadtest/RESULTS.md``):
+    2.0-2.6 MiB less USS for the whole tree, before and with 8000 idle
+    clients (~0.3 MiB per worker). What a worker still copies when its first
+    clients arrive are pages whose objects' reference counts it changes, which
+    no filling avoids.
     Returns the number of blocks filled (0 where the statistics are not
     available: not CPython, or no file descriptor 2 to borrow).
     """
