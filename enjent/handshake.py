@@ -70,8 +70,10 @@ def validate_upgrade(request: Request) -> str:
         raise WebSocketNegotiationError(400, "missing Host header")
     if len(hosts) != 1 or not _HOST.fullmatch(hosts[0]):
         raise WebSocketNegotiationError(400, "exactly one well-formed Host header is required")
-    if "Content-Length" in headers or "Transfer-Encoding" in headers:
-        # a GET upgrade has no body: bytes after the head are WebSocket frames
+    if "Transfer-Encoding" in headers or headers.get_all("Content-Length") not in ([], ["0"]):
+        # a GET upgrade has no body: bytes after the head are WebSocket frames.
+        # ``Content-Length: 0`` says "no body" (RFC 9112 §6.3) and JDK's
+        # java.net.http client sends it on its upgrade GET: accepted, once.
         raise WebSocketNegotiationError(400, "an upgrade request has no body")
     if len(headers.get_all("Origin")) > 1:
         raise WebSocketNegotiationError(400, "more than one Origin header")

@@ -1250,3 +1250,30 @@ async def test_a_relayed_message_reaches_each_client_in_its_own_terms(
         finally:
             for client in (sender, alike, keeping, plain):
                 client.close()
+
+
+@pytest.mark.parametrize("mem_level", [1, 5, 8])
+@async_test
+async def test_an_incompressible_message_of_exactly_the_limit_passes_compressed(
+    mem_level: int,
+) -> None:
+    """A client's deflate makes incompressible data a little larger (websockets uses
+    memLevel 5: about 0.25 %; memLevel 1 several %): the limit is on the message, so
+    ``max_message_size`` random bytes, compressed, must be accepted and echoed, and one
+    byte more refused with 1009."""
+    limit = MiB
+    server = echo_server(max_message_size=limit)
+    factory = ClientPerMessageDeflateFactory(
+        server_max_window_bits=None,
+        client_max_window_bits=None,
+        compress_settings={"memLevel": mem_level},
+    )
+    data = os.urandom(limit)
+    async with server.serve(HOST, 0):
+        async with ws_connect(server, compression=None, extensions=[factory]) as ws:
+            await ws.send(data)
+            assert await recv(ws) == data
+        async with ws_connect(server, compression=None, extensions=[factory]) as ws:
+            await ws.send(data + b"x")
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_code == CloseCode.MESSAGE_TOO_BIG

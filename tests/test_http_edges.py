@@ -263,6 +263,8 @@ async def test_allowed_origins_and_a_missing_origin(
     ("extra", "drop_host"),
     [
         (["Content-Length: 5"], False),
+        (["Content-Length: 0", "Content-Length: 0"], False),
+        (["Content-Length: 0", "Transfer-Encoding: chunked"], False),
         (["Transfer-Encoding: chunked"], False),
         (["Host: second.example"], False),
         (["Host: bad host"], True),
@@ -285,6 +287,25 @@ async def test_upgrades_with_a_body_or_ambiguous_host_or_origin_are_400(
             await ws.send("still")
             assert await ws.recv() == "still"
     assert status == 400
+
+
+@async_test
+async def test_an_upgrade_with_content_length_zero_is_accepted() -> None:
+    """JDK's java.net.http sends ``Content-Length: 0`` on its upgrade GET (RFC 9112 §6.3:
+    no body); the frames that follow the head are read as frames, not as a body."""
+    server = echo_server()
+    async with server.serve(HOST, 0):
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        try:
+            writer.write(upgrade_request("/", "Content-Length: 0"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            mask = b"\x01\x02\x03\x04"
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"jdk"))
+            writer.write(b"\x81\x83" + mask + payload)
+            assert await asyncio.wait_for(reader.readexactly(5), 2) == b"\x81\x03jdk"
+        finally:
+            writer.close()
 
 
 def test_a_response_with_framing_headers_is_refused_at_construction() -> None:
