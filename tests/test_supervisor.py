@@ -590,6 +590,12 @@ def test_the_supervisor_fills_its_allocator_pools_before_forking() -> None:
     """fill_allocator_pools takes the free small-object blocks the supervisor has in use.
 
     Run in a fresh interpreter: the fillers live as long as their process.
+    What it guarantees on any interpreter state: every block free when it
+    looked is taken (``filled >= before``), and what is free afterwards is at
+    most the rest of the pool each size class last opened (the fill itself may
+    open one, and frees its own few temporaries): never more than two pools'
+    worth per class. A total ratio (``after < before / 4``) held on one heap
+    and not on another (739 left of 2795: one fresh pool of 48-byte blocks).
     """
     script = textwrap.dedent(
         """
@@ -599,7 +605,7 @@ def test_the_supervisor_fills_its_allocator_pools_before_forking() -> None:
         before = _available_blocks()
         filled = fill_allocator_pools()
         after = _available_blocks()
-        print(json.dumps([sum(before.values()), filled, sum(after.values()), len(before)]))
+        print(json.dumps([sum(before.values()), filled, sorted(after.items()), len(before)]))
         """
     )
     done = subprocess.run(
@@ -607,8 +613,10 @@ def test_the_supervisor_fills_its_allocator_pools_before_forking() -> None:
     )
     before, filled, after, classes = json.loads(done.stdout)
     assert classes == 32  # every size class of CPython's small-object allocator was read
-    assert before > 0 and filled > before / 2
-    assert after < before / 4, (before, after)
+    assert before > 0 and filled >= before
+    largest_pool = 16 * 1024  # CPython's pools are 4 KiB (before 3.10) or 16 KiB
+    for size, free_blocks in after:
+        assert free_blocks * size <= 2 * largest_pool, (size, free_blocks, after)
 
 
 def test_filling_the_pools_is_skipped_without_the_allocators_statistics(
