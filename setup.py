@@ -25,6 +25,7 @@ ext_modules = (
     else []
 )
 
+
 def _packages() -> list[str]:
     """Every package of the distribution, found on disk (never listed by hand).
 

@@ -12,11 +12,20 @@ restarts what died and waits, always with a timeout.
 - SIGTERM/SIGINT: workers get SIGTERM (each sends Close 1001 to its clients
   and stops within ``close_timeout``); stragglers are killed after a margin;
   the runtime directory with the ipc sockets is removed.
-- SIGHUP: replace the workers one at a time (the app module is re-imported
-  when it was given as ``MODULE:ATTR``). SIGTTIN / SIGTTOU: one worker more
-  / less. If the broker dies it is restarted, with a backoff (0.1 s doubling
-  up to 10 s) while it keeps dying; the workers' ZeroMQ sockets reconnect by
-  themselves. A broker that cannot start at all stops the supervisor (exit 3).
+- SIGHUP, a reload that keeps clients: a new worker starts beside each old
+  one (the app module is re-imported when it was given as ``MODULE:ATTR``);
+  once it is ready, the old one *drains* (SIGUSR1): it stops accepting,
+  keeps its clients for ``drain_timeout`` seconds (30 by default), and
+  closes them with 1012 (Service Restart) spread over that period with
+  jitter (none in its first fifth), so that they neither drop at once nor
+  all reconnect in the same second. A new worker that fails to boot
+  abandons the reload: the old ones keep serving. Every live worker has a
+  shard number of its own (the lowest free one), so an old worker and its
+  successor never share one on the bus. SIGTTIN / SIGTTOU: one worker more
+  / less (the one removed drains too). If the broker dies it is restarted,
+  with a backoff (0.1 s doubling up to 10 s) while it keeps dying; the
+  workers' ZeroMQ sockets reconnect by themselves. A broker that cannot
+  start at all stops the supervisor (exit 3).
 - A worker beats through its pipe every second from its event loop; one
   silent for ``worker_timeout`` seconds (hung, or stopped with SIGSTOP) is
   killed and replaced, and the log says why.
@@ -44,12 +53,20 @@ from enjent.cluster.natsbus import NatsConfig, host_shard_base
 from enjent.server.running import tune_allocator
 
 from .warmup import fill_allocator_pools, warm_up
-from .worker import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec, worker_main
+from .worker import APP_LOAD_ERROR, DRAIN_SIGNAL, WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from enjent import WebSocketServer
 
-__all__ = ["APP_LOAD_ERROR", "USAGE_ERROR", "WORKER_BOOT_ERROR", "Arbiter", "run_cluster"]
+__all__ = [
+    "APP_LOAD_ERROR",
+    "BOOT_TIMEOUT",
+    "DRAIN_TIMEOUT",
+    "USAGE_ERROR",
+    "WORKER_BOOT_ERROR",
+    "Arbiter",
+    "run_cluster",
+]
 
 logger = logging.getLogger("enjent.supervisor")
 #: sun_path of a Unix socket holds 108 bytes on Linux, the final NUL included
@@ -64,8 +81,11 @@ _SIGNALS = (
     signal.SIGTTOU,
     signal.SIGCHLD,
 )
-#: Seconds a worker may take to bind and report ready.
+#: Seconds a worker may take to bind and report ready (``--boot-timeout``).
 BOOT_TIMEOUT = 30.0
+#: Seconds a replaced worker keeps its clients before closing them (``--drain-timeout``).
+DRAIN_TIMEOUT = 30.0
+
 #: Seconds without a heartbeat before a booted worker is declared hung.
 WORKER_TIMEOUT = 30.0
 #: Broker restarts: the first delay, the cap, and how long it must live to reset.
@@ -76,14 +96,25 @@ BROKER_START_ATTEMPTS = 3
 
 @dataclasses.dataclass
 class Worker:
+    """One worker process as the supervisor sees it."""
+
+    #: which of the ``num_workers`` places it fills (0 .. num_workers - 1)
+    slot: int
+    #: its shard on the bus, unique among live workers; its name in every log line
     shard: int
     pid: int
     ready_fd: int
     started_at: float
     booted: bool = False
+    #: told to stop (SIGTERM) or to drain (SIGUSR1): its exit is planned
     retiring: bool = False
+    #: a reload started a successor for its slot; it drains once that one is ready
+    replaced: bool = False
+    #: when it was told to drain (0: not draining)
+    draining_since: float = 0.0
     last_heartbeat: float = 0.0
     hung: bool = False
+    boot_timed_out: bool = False
 
 
 class Arbiter:
@@ -101,9 +132,17 @@ class Arbiter:
         runtime_dir: str | None = None,
         worker_timeout: float = WORKER_TIMEOUT,
         bus: NatsConfig | None = None,
+        boot_timeout: float = BOOT_TIMEOUT,
+        drain_timeout: float = DRAIN_TIMEOUT,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if not boot_timeout > 0:
+            raise ValueError("boot_timeout must be positive")
+        if not drain_timeout >= 0:
+            raise ValueError("drain_timeout must be >= 0")
+        self.boot_timeout = boot_timeout
+        self.drain_timeout = drain_timeout
         #: where the private directory of the bus's ipc:// sockets is made
         #: (``None``: the system's temporary directory)
         self.runtime_parent = runtime_dir
@@ -135,7 +174,6 @@ class Arbiter:
         self._wakeup_read = -1
         self._wakeup_write = -1
         self._stopping = False
-        self._replace_queue: list[int] = []
         self._port_reservation: socket.socket | None = None
 
     # ---------------------------------------------------------------- run
@@ -237,8 +275,15 @@ class Arbiter:
         self._stopping = True
 
     def handle_hup(self) -> None:
-        logger.info("supervisor: SIGHUP, replacing the workers one by one")
-        self._replace_queue = sorted(worker.shard for worker in self.workers.values())
+        current = [w for w in self.workers.values() if not w.retiring and not w.replaced]
+        logger.info(
+            "supervisor: SIGHUP, reloading: %d new workers start; each old one drains its "
+            "clients over %.0fs once its successor is ready",
+            len(current),
+            self.drain_timeout,
+        )
+        for worker in current:
+            worker.replaced = True
 
     def handle_ttin(self) -> None:
         self.num_workers += 1
@@ -250,9 +295,9 @@ class Arbiter:
             return
         self.num_workers -= 1
         logger.info("supervisor: SIGTTOU, now %d workers", self.num_workers)
-        for worker in self.workers.values():
-            if worker.shard >= self.num_workers and not worker.retiring:
-                self._retire(worker)
+        for worker in list(self.workers.values()):
+            if worker.slot >= self.num_workers and not worker.retiring:
+                self._drain(worker, "SIGTTOU")
 
     # ------------------------------------------------------------ children
 
@@ -303,11 +348,20 @@ class Arbiter:
         self._broker_started_at = time.monotonic()
         logger.info("broker started (pid %d)", pid)
 
-    def _spawn_worker(self, shard: int) -> None:
+    def _free_shard(self) -> int:
+        """The lowest shard number no live worker has (the base of this host added)."""
+        taken = {worker.shard for worker in self.workers.values()}
+        shard = self._shard_base
+        while shard in taken:
+            shard += 1
+        return shard
+
+    def _spawn_worker(self, slot: int) -> None:
         read_fd, write_fd = os.pipe()
         parent_pid = os.getpid()
+        shard = self._free_shard()
         spec = WorkerSpec(
-            shard=self._shard_base + shard,
+            shard=shard,
             host=self.host,
             port=self.port,
             publish_endpoint=self.publish_endpoint,
@@ -316,6 +370,7 @@ class Arbiter:
             parent_pid=parent_pid,
             ssl=self.ssl,
             bus=self.bus,
+            drain_timeout=self.drain_timeout,
         )
 
         def child() -> int:
@@ -331,32 +386,41 @@ class Arbiter:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         now = time.monotonic()
-        self.workers[pid] = Worker(shard, pid, read_fd, now, last_heartbeat=now)
+        self.workers[pid] = Worker(slot, shard, pid, read_fd, now, last_heartbeat=now)
         logger.info("worker %d started (pid %d)", shard, pid)
 
-    def _retire(self, worker: Worker) -> None:
+    def _drain(self, worker: Worker, why: str) -> None:
+        """Tell ``worker`` to stop accepting and close its clients over ``drain_timeout``."""
         worker.retiring = True
+        worker.draining_since = time.monotonic()
+        logger.info(
+            "worker %d (pid %d) drains (%s): no new connections, its clients closed with 1012 "
+            "over %.0fs",
+            worker.shard,
+            worker.pid,
+            why,
+            self.drain_timeout,
+        )
         with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, DRAIN_SIGNAL)
 
     def _maintain(self) -> None:
-        """Start the missing workers and broker; go on with a SIGHUP replacement."""
+        """Start the missing workers and broker; drain the replaced ones whose successor is up."""
         if self._stopping:
             return
         if self.bus is None and not self.broker_pid and time.monotonic() >= self._broker_restart_at:
             self._spawn_broker()
-        live = {w.shard for w in self.workers.values() if not w.retiring}
-        for shard in range(self.num_workers):
-            if shard not in live and not any(w.shard == shard for w in self.workers.values()):
-                self._spawn_worker(shard)
-        # one at a time: the next only once the last one's successor is up
-        # (a retiring worker drains its clients for up to close_timeout)
-        if self._replace_queue and all(w.booted and not w.retiring for w in self.workers.values()):
-            shard = self._replace_queue.pop(0)
-            for worker in self.workers.values():
-                if worker.shard == shard and not worker.retiring:
-                    self._retire(worker)
-                    break
+        workers = list(self.workers.values())
+        current = {w.slot for w in workers if not w.retiring and not w.replaced}
+        for slot in range(self.num_workers):
+            if slot not in current:
+                self._spawn_worker(slot)
+        ready = {w.slot for w in workers if w.booted and not w.retiring and not w.replaced}
+        for worker in workers:
+            if worker.replaced and not worker.retiring and worker.slot in ready:
+                self._drain(worker, "reload")
+            elif worker.replaced and not worker.retiring and worker.slot >= self.num_workers:
+                self._drain(worker, "reload, one worker fewer")
 
     def _reap(self) -> None:
         while True:
@@ -378,9 +442,20 @@ class Arbiter:
             self._read_ready(worker)
             with contextlib.suppress(OSError):
                 os.close(worker.ready_fd)
-            self._announce_dead(worker)
-            if worker.retiring or self._stopping:
-                logger.info("worker %d (pid %d) stopped (%s)", worker.shard, pid, _describe(code))
+            planned = worker.retiring or self._stopping
+            self._announce_dead(worker, planned)
+            if planned:
+                how = "drained and stopped" if worker.draining_since else "stopped"
+                logger.info("worker %d (pid %d) %s (%s)", worker.shard, pid, how, _describe(code))
+            elif not worker.booted and self._reload_in_progress(worker):
+                logger.error(
+                    "worker %d (pid %d), started by a reload, failed to boot (%s): the reload "
+                    "is abandoned, the old workers keep serving; see the error above",
+                    worker.shard,
+                    pid,
+                    _describe(code),
+                )
+                self._abandon_reload()
             elif not worker.booted:
                 logger.error(
                     "worker %d (pid %d) failed to boot (%s): stopping, see the error above",
@@ -397,6 +472,22 @@ class Arbiter:
                     pid,
                     _describe(code),
                 )
+
+    def _reload_in_progress(self, worker: Worker) -> bool:
+        """Whether a replaced worker still serves the slot of ``worker`` (a reload's new one)."""
+        return any(
+            w.replaced and not w.retiring and w.slot == worker.slot for w in self.workers.values()
+        )
+
+    def _abandon_reload(self) -> None:
+        """A reload's new worker failed: keep the old ones, stop the new ones not yet ready."""
+        for worker in self.workers.values():
+            if worker.replaced and not worker.retiring:
+                worker.replaced = False  # serves on as the current worker of its slot
+            elif not worker.booted and not worker.retiring:
+                worker.retiring = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
 
     def _broker_died(self, pid: int, code: int) -> None:
         """Restart the broker after a backoff that grows while it keeps dying."""
@@ -422,11 +513,12 @@ class Arbiter:
             "broker (pid %d) died (%s); restarting it in %.1fs", pid, _describe(code), delay
         )
 
-    def _announce_dead(self, worker: Worker) -> None:
+    def _announce_dead(self, worker: Worker, planned: bool) -> None:
         if self.broker_control < 0:
             return
+        line = b"dead %d %d %d\n" % (worker.shard, worker.pid, planned)
         with contextlib.suppress(OSError):
-            os.write(self.broker_control, b"dead %d %d\n" % (worker.shard, worker.pid))
+            os.write(self.broker_control, line)
 
     def _read_ready(self, worker: Worker) -> None:
         """Read the worker's pipe: "R" once it listens, then a beat a second."""
@@ -450,10 +542,30 @@ class Arbiter:
                 while os.read(self._wakeup_read, 512):
                     pass
         now = time.monotonic()
+        drain_deadline = self.drain_timeout + self.close_timeout + 5.0
         for worker in list(self.workers.values()):
             self._read_ready(worker)
-            if not worker.booted and now - worker.started_at > BOOT_TIMEOUT:
-                logger.error("worker %d did not boot within %ss", worker.shard, BOOT_TIMEOUT)
+            if not worker.booted and now - worker.started_at > self.boot_timeout:
+                if not worker.boot_timed_out:  # said once; killed until reaped
+                    worker.boot_timed_out = True
+                    logger.error(
+                        "worker %d (pid %d) did not boot within %.0fs (--boot-timeout): killing it",
+                        worker.shard,
+                        worker.pid,
+                        self.boot_timeout,
+                    )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+            elif worker.draining_since and now - worker.draining_since > drain_deadline:
+                if not worker.hung:
+                    worker.hung = True
+                    logger.error(
+                        "worker %d (pid %d) still runs %.0fs after it was told to drain: "
+                        "killing it",
+                        worker.shard,
+                        worker.pid,
+                        now - worker.draining_since,
+                    )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
             elif (
@@ -558,6 +670,8 @@ def run_cluster(
     ssl: ssl_module.SSLContext | None = None,
     worker_timeout: float = WORKER_TIMEOUT,
     bus: NatsConfig | None = None,
+    boot_timeout: float = BOOT_TIMEOUT,
+    drain_timeout: float = DRAIN_TIMEOUT,
 ) -> int:
     """Run ``app`` (a server, or a function that builds one) on ``workers`` processes."""
     from enjent import WebSocketServer
@@ -581,4 +695,6 @@ def run_cluster(
         close_timeout=close_timeout,
         worker_timeout=worker_timeout,
         bus=bus,
+        boot_timeout=boot_timeout,
+        drain_timeout=drain_timeout,
     ).run()

@@ -2,7 +2,7 @@
 
 Supervisor layer (layer 4). Workers publish to ``in`` (XSUB) and subscribe
 at ``out`` (XPUB); the proxy runs in a thread inside libzmq. The main thread
-reads one-line commands from the supervisor's pipe (``dead SHARD PID``) and
+reads one-line commands from the supervisor's pipe (``dead SHARD PID PLANNED``) and
 publishes them as :data:`enjent.cluster.bus.Kind.DEAD` envelopes; when the pipe
 closes (the supervisor is gone) the broker exits, so it is never orphaned.
 """
@@ -68,10 +68,11 @@ def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int)
             if line is None:
                 break
             parts = line.split()
-            if len(parts) == 3 and parts[0] == b"dead":
+            if len(parts) == 4 and parts[0] == b"dead":
                 seq += 1
+                shard, pid, planned = int(parts[1]), int(parts[2]), parts[3] == b"1"
                 body = bus.encode(
-                    bus.Kind.DEAD, bus.BROKER_ORIGIN, generation, seq, int(parts[1]), int(parts[2])
+                    bus.Kind.DEAD, bus.BROKER_ORIGIN, generation, seq, shard, pid, planned
                 )
                 announcer.send_multipart((bus.TOPIC_CONTROL, body))
     announcer.close()

@@ -189,6 +189,25 @@ SETTINGS: tuple[Setting, ...] = (
         "SECONDS",
     ),
     Setting(
+        "boot_timeout",
+        ("--boot-timeout",),
+        "seconds a worker may take to import the app and listen before the supervisor "
+        "gives up (default 30; a worker waits at most 1 s for NATS, then serves without it)",
+        _positive_seconds,
+        30.0,
+        "SECONDS",
+    ),
+    Setting(
+        "drain_timeout",
+        ("--drain-timeout",),
+        "on a reload (SIGHUP) or one worker fewer (SIGTTOU), seconds an old worker keeps "
+        "its clients: none closed in the first fifth, then each closed with 1012 at its own "
+        "moment over the rest (default 30; 0 closes them all at once)",
+        _seconds,
+        30.0,
+        "SECONDS",
+    ),
+    Setting(
         "health_detail",
         ("--health-detail",),
         "the health path also shows each worker's pid, generation, bus and error counters "
@@ -282,8 +301,14 @@ def _env_name(setting: Setting) -> str:
     return "ENJENT_" + setting.dest.upper()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class CommandParser(argparse.ArgumentParser):
+    """The ``enjent`` parser; :attr:`run` is the parser of its ``run`` subcommand."""
+
+    run: argparse.ArgumentParser
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="enjent",
         description="Enjent WebSocket server: run an app on one process or one worker per core.",
         epilog="Exit codes: 0 stopped by a signal, 1 unexpected error, 2 usage error, "
@@ -306,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTR",
         help="ATTR a WebSocketServer or a function returning one (ENJENT_APP)",
     )
+    parser.run = run
     for setting in SETTINGS:
         text = f"{setting.help} ({_env_name(setting)})"
         if setting.convert is _flag:
@@ -434,16 +460,22 @@ def describe_app_error(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    top = build_parser()
+    args, unknown = top.parse_known_args(argv)
     if args.version:
         from enjent import __version__
 
         print(f"enjent {__version__}")
         return 0
     if args.command != "run":
-        parser.print_help()
+        if unknown:
+            top.error(f"unrecognized arguments: {' '.join(unknown)}")
+        top.print_help()
         return USAGE_ERROR
+    # usage errors of `enjent run` print run's usage, not the top level's
+    parser = top.run
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         values = resolve_settings(args)
         ssl_context = _ssl_context(values["ssl_certfile"], values["ssl_keyfile"])
@@ -499,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime_dir=values["runtime_dir"],
         worker_timeout=values["worker_timeout"],
         bus=values["bus"],
+        boot_timeout=values["boot_timeout"],
+        drain_timeout=values["drain_timeout"],
     )
     return arbiter.run()
 

@@ -3,8 +3,10 @@
 Supervisor layer (layer 4). Runs in a child of the supervisor, after fork:
 it loads the app, creates its own ZeroMQ context and bus sockets, binds
 ``host:port`` with ``SO_REUSEPORT`` and tells the supervisor it is ready
-through a pipe. It stops gracefully on SIGTERM/SIGINT, and exits by itself
-if the supervisor disappears (``PR_SET_PDEATHSIG`` and a parent check).
+through a pipe. It stops gracefully on SIGTERM/SIGINT (Close 1001), drains
+on SIGUSR1 (a reload: no new connections, its clients closed with 1012 over
+``drain_timeout``), and exits by itself if the supervisor disappears
+(``PR_SET_PDEATHSIG`` and a parent check).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import signal
 import ssl as ssl_module
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from enjent import WebSocketServer, WebSocketServerError
+from enjent import CloseCode, WebSocketServer, WebSocketServerError
 from enjent.cluster import BusEngine, ClusterClient
 from enjent.cluster.natsbus import NatsConfig, NatsEngine
 from enjent.exceptions import BusError
@@ -32,6 +35,8 @@ WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
 #: Seconds between two heartbeats to the supervisor.
 HEARTBEAT_INTERVAL = 1.0
+#: The signal that tells a worker to drain (the supervisor's reload): SIGUSR1.
+DRAIN_SIGNAL = signal.SIGUSR1
 _PR_SET_PDEATHSIG = 1
 
 
@@ -58,6 +63,8 @@ class WorkerSpec:
     ssl: ssl_module.SSLContext | None = None
     #: ``None``: the ZeroMQ broker's endpoints above; else NATS
     bus: NatsConfig | None = None
+    #: seconds a draining worker keeps its clients (SIGUSR1: a reload replaced it)
+    drain_timeout: float = 30.0
 
 
 def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> int:
@@ -84,8 +91,10 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
     shard = spec.shard
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    drain = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(DRAIN_SIGNAL, drain.set)
     cluster: BusEngine
     if spec.bus is None:
         zeromq = ClusterClient(
@@ -114,16 +123,36 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
         return WORKER_BOOT_ERROR
     beat(spec.ready_fd, b"R")
     logger.info("worker %d (pid %d) serving on %s:%d", shard, os.getpid(), spec.host, spec.port)
+    draining: asyncio.Task[None] | None = None
     while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), HEARTBEAT_INTERVAL)
+        if drain.is_set() and draining is None:
+            # a reload replaced this worker: no new connections, and the clients
+            # closed with 1012 over the drain period; the bus stays up meanwhile
+            draining = loop.create_task(server.drain(spec.drain_timeout))
+        waits: list[asyncio.Future[Any]] = [loop.create_task(stop.wait())]
+        waits.append(draining if draining is not None else loop.create_task(drain.wait()))
+        _, pending = await asyncio.wait(
+            waits, timeout=HEARTBEAT_INTERVAL, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            if waiter is not draining:
+                waiter.cancel()
         # from the event loop: a hung loop stops beating, and the supervisor
         # replaces the worker after its worker_timeout
         beat(spec.ready_fd, b"H")
+        if draining is not None and draining.done():
+            break
         if os.getppid() != spec.parent_pid:
             logger.warning("worker %d: the supervisor is gone, stopping", shard)
             break
-    await server.stop()
+    if draining is not None and not draining.done():
+        draining.cancel()  # SIGTERM while draining: the rest get 1001 now
+        with contextlib.suppress(asyncio.CancelledError):
+            await draining
+    if draining is not None and draining.done() and not draining.cancelled():
+        await server.stop(code=CloseCode.SERVICE_RESTART, reason="server restarting")
+    else:
+        await server.stop()
     await cluster.close()
     with contextlib.suppress(OSError):
         os.close(spec.ready_fd)

@@ -36,7 +36,7 @@ from enjent.server.ids import ClientIds
         (Kind.CLOSE, ["1-abc-2", 1000, "bye"]),
         (Kind.HEARTBEAT, [1234, 10, {"sent": 1, "gaps": 0}]),
         (Kind.HELLO, []),
-        (Kind.DEAD, [1, 4321]),
+        (Kind.DEAD, [1, 4321, False]),
         (Kind.PRESENCE_REQ, [7, 3, "abc", None, 1000]),
         (Kind.PRESENCE_REQ, [7, 3, "abc", "lobby", 0]),
         (Kind.PRESENCE, [7, "abc", [["0-abc-1", "/", 1.5], ["0-abc-2", "/x", 2.5]], 2, True]),
@@ -55,7 +55,7 @@ def test_round_trip_keeps_bytes_and_str_apart() -> None:
 
 
 def test_broker_origin_round_trips() -> None:
-    body = bus.encode(Kind.DEAD, bus.BROKER_ORIGIN, "b", 1, 0, 99)
+    body = bus.encode(Kind.DEAD, bus.BROKER_ORIGIN, "b", 1, 0, 99, False)
     assert bus.decode(body)[1] == -1
 
 
@@ -346,10 +346,10 @@ def test_a_dead_worker_is_announced_by_the_supervisor_not_guessed() -> None:
     feed(cluster, sub, control(Kind.HEARTBEAT, 2, 777, 40, {}))
     assert not cluster.peers[1].late
     # a DEAD for another pid (an older process of that shard) changes nothing
-    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 1, 1, 555)])
+    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 1, 1, 555, False)])
     assert cluster.client_count() == 40
     # the broker relays the supervisor's word: worker 1 (pid 777) died
-    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 2, 1, 777)])
+    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 2, 1, 777, False)])
     assert 1 not in cluster.peers and cluster.client_count() == 0
     assert cluster.counters["malformed"] == 0
 

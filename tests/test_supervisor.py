@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -245,50 +246,82 @@ def _stuck_client(port: int, shard: int, timeout: float = 10.0) -> socket.socket
     raise AssertionError(f"no connection landed on worker {shard}")
 
 
-def test_sighup_replaces_workers_one_by_one() -> None:
-    with Cluster(workers=2) as cluster:
+def test_sighup_reloads_without_dropping_every_client_at_once() -> None:
+    """SIGHUP with 40 clients on 2 workers: new workers take new connections at once;
+    the old ones keep their clients through the first fifth of the drain period, then
+    close each with 1012 at its own moment; nobody is lost without a close frame, the
+    health path answers throughout, and the new workers are one logical server."""
+    drain = 10.0
+    with Cluster(workers=2, args=["--drain-timeout", str(drain)]) as cluster:
         cluster.wait_ready()
         port = cluster.port
         old = cluster.worker_pids()
-        # one client per worker that does not answer the close: each old worker
-        # drains for close_timeout, which must not take both workers down at once
-        stuck = [_stuck_client(port, 0), _stuck_client(port, 1)]
         refused: list[BaseException] = []
         done = threading.Event()
 
-        def probe() -> None:  # the service must answer during the whole replacement
+        def probe() -> None:  # the service must answer during the whole reload
             while not done.is_set():
                 try:
                     healthz(port, timeout=2.0)
                 except Exception as exc:
                     refused.append(exc)
-                time.sleep(0.02)
+                time.sleep(0.05)
+
+        async def main() -> tuple[dict[int, tuple[float, int | None, bool]], int, int]:
+            clients = await open_clients(port, 40)
+            closed: dict[int, tuple[float, int | None, bool]] = {}
+            started = time.monotonic()
+
+            async def watch(index: int) -> None:
+                ws = clients[index].ws
+                with contextlib.suppress(Exception):
+                    await ws.wait_closed()
+                received_close = ws.protocol.close_rcvd is not None
+                closed[index] = (time.monotonic() - started, ws.close_code, received_close)
+
+            watchers = [asyncio.create_task(watch(i)) for i in range(len(clients))]
+            cluster.signal(signal.SIGHUP)
+            served = failed = 0
+            # new clients are served throughout, until every old one is gone
+            while len(closed) < len(clients) and time.monotonic() - started < drain + 5:
+                try:
+                    fresh = await open_clients(port, 1)
+                    assert await fresh[0].request("whoami", timeout=3)
+                    await close_all(fresh)
+                    served += 1
+                except Exception:
+                    failed += 1
+                await asyncio.sleep(0.1)
+            await asyncio.wait(watchers, timeout=1)
+            return closed, served, failed
 
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
         try:
-            cluster.signal(signal.SIGHUP)
-
-            def replaced() -> bool:
-                for shard in (0, 1):
-                    pids = {w["shard"]: w["pid"] for w in healthz_of(port, shard)["workers"]}
-                    if set(pids) != {0, 1} or set(pids.values()) & set(old.values()):
-                        return False
-                return True
-
-            wait_for(replaced, 2 * CLOSE_TIMEOUT + 10, interval=0.2)
+            closed, served, failed = asyncio.run(main())
         finally:
             done.set()
             prober.join(5)
-            for sock in stuck:
-                sock.close()
+        assert len(closed) == 40, (len(closed), cluster.log())
+        early = [t for t, _, _ in closed.values() if t < 2.0]
+        assert len(early) <= 4, sorted(closed.values())
+        assert all(t <= drain + 5 for t, _, _ in closed.values()), sorted(closed.values())
+        assert {code for _, code, _ in closed.values()} == {1012}, closed
+        assert all(received for _, _, received in closed.values())  # a close frame each
+        assert served >= 20 and failed == 0, (served, failed)
         assert refused == [], refused[:3]
-        assert not any(alive(pid) for pid in old.values())
+        wait_for(lambda: not any(alive(pid) for pid in old.values()), 10)
         assert cluster.proc is not None and cluster.proc.poll() is None
+        new = wait_for(lambda: _known_pids(cluster), 5)
+        assert len(new) == 2 and not set(new.values()) & set(old.values()), (old, new)
+        log = cluster.log()
+        assert log.count("drained and stopped") == 2, log
+        assert "died" not in log, log  # a planned stop is not logged as a death
 
-        async def main() -> None:  # the new workers are one logical server
-            a = await open_client_on(port, 0)
-            b = await open_client_on(port, 1)
+        async def one_server() -> None:  # the new workers are one logical server
+            shards = sorted(new)
+            a = await open_client_on(port, shards[0])
+            b = await open_client_on(port, shards[1])
             try:
                 await a.ws.send("broadcast:after hup")
                 assert await a.next() == "after hup"
@@ -296,7 +329,86 @@ def test_sighup_replaces_workers_one_by_one() -> None:
             finally:
                 await close_all([a, b])
 
+        asyncio.run(one_server())
+
+
+def test_a_reload_whose_new_code_fails_keeps_the_old_workers(tmp_path: Path) -> None:
+    """SIGHUP after the app was broken: the new workers fail to import it, the reload is
+    abandoned with one error line, and the old workers and their clients serve on."""
+    app = tmp_path / "reloadable.py"
+    app.write_text("from tests.cluster_app import build_server\nserver = build_server()\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"}
+    with Cluster(workers=2, app="reloadable:server", env=env) as cluster:
+        cluster.wait_ready()
+        old = cluster.worker_pids()
+
+        async def main() -> None:
+            clients = await open_clients(cluster.port, 6)
+            try:
+                app.write_text("raise RuntimeError('a typo in the new release')\n")
+                cluster.signal(signal.SIGHUP)
+                wait_for(lambda: "the reload is abandoned" in cluster.log(), 15)
+                await asyncio.sleep(1.0)
+                for client in clients:  # still connected, still served
+                    assert await client.request("whoami")
+            finally:
+                await close_all(clients)
+
         asyncio.run(main())
+        assert cluster.proc is not None and cluster.proc.poll() is None
+        assert cluster.worker_pids() == old
+        assert "a typo in the new release" in cluster.log()
+
+
+def test_refused_requests_stay_out_of_the_log_at_the_default_level() -> None:
+    """100 plain ``GET /`` (a scanner) add at most 2 lines to the log at INFO; they are
+    counted in /metrics all the same."""
+    import urllib.error
+    import urllib.request
+
+    with Cluster(workers=2) as cluster:
+        cluster.wait_ready()
+        time.sleep(0.5)
+        before = len(cluster.log().splitlines())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for _ in range(100):
+            with contextlib.suppress(urllib.error.HTTPError):
+                opener.open(f"http://127.0.0.1:{cluster.port}/", timeout=2).close()
+        time.sleep(0.5)
+        lines = cluster.log().splitlines()[before:]
+        assert len(lines) <= 2, lines
+
+        def refused() -> bool:  # the other worker's figures come with its heartbeat
+            url = f"http://127.0.0.1:{cluster.port}/metrics"
+            with opener.open(url, timeout=2) as answer:
+                metrics = answer.read().decode()
+            counts = re.findall(
+                r'^enjent_handshakes_total\{worker="\d+",outcome="refused"\} (\d+)$',
+                metrics,
+                re.M,
+            )
+            return len(counts) == 2 and sum(map(int, counts)) >= 100
+
+        wait_for(refused, 5)
+
+
+def test_a_worker_that_does_not_boot_in_time_is_reported_once(tmp_path: Path) -> None:
+    app = tmp_path / "slowboot.py"
+    marker = tmp_path / "imported-once"
+    # the supervisor imports the app first (to read its options): that import is
+    # quick; each worker's import of the new code then hangs
+    app.write_text(
+        "import os, time\nfrom tests.cluster_app import build_server\n"
+        f"if os.path.exists({str(marker)!r}):\n    time.sleep(30)\n"
+        f"open({str(marker)!r}, 'w').close()\nserver = build_server()\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}"}
+    cluster = Cluster(workers=2, app="slowboot:server", env=env, args=["--boot-timeout", "2"])
+    with cluster:
+        assert cluster.wait(15) == 3, cluster.log()
+        log = cluster.log()
+    assert log.count("did not boot within 2s") <= 2, log  # one line per worker at most
+    assert "--boot-timeout" in log
 
 
 def _known_pids(cluster: Cluster) -> dict[int, int] | None:

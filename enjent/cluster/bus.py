@@ -35,8 +35,9 @@ Kinds and their fields:
 ``CLOSE``           ``client_id, code, reason``: close one client
 ``HEARTBEAT``       ``pid, client_count, stats``: once a second per worker
 ``HELLO``           (none): a worker (re)started with a new generation
-``DEAD``            ``shard, pid``: from the broker, for the supervisor: the
-                    worker process died (its count is dropped)
+``DEAD``            ``shard, pid, planned``: from the broker, for the supervisor:
+                    the worker process ended (its count is dropped); ``planned``
+                    when the supervisor stopped it (a reload, one worker fewer)
 ``PRESENCE_REQ``    ``query_id, reply_shard, reply_generation, room|None,
                     limit``: send me your clients (of ``room``), at most ``limit``
 ``PRESENCE``        ``query_id, reply_generation, rows, total, last``: one part of
@@ -109,7 +110,7 @@ _FIELD_COUNTS = {
     Kind.CLOSE: 3,
     Kind.HEARTBEAT: 3,
     Kind.HELLO: 0,
-    Kind.DEAD: 2,
+    Kind.DEAD: 3,
     Kind.PRESENCE_REQ: 5,
     Kind.PRESENCE: 5,
 }

@@ -538,7 +538,7 @@ class BusEngine:
         elif kind is Kind.HELLO:
             self._peer(origin, generation)
         elif kind is Kind.DEAD:
-            self._on_dead(int(fields[0]), int(fields[1]))
+            self._on_dead(int(fields[0]), int(fields[1]), bool(fields[2]))
         elif kind is Kind.PRESENCE_REQ:
             self._answer_presence(fields)
         elif kind is Kind.PRESENCE:
@@ -554,15 +554,18 @@ class BusEngine:
             peer = self.peers[shard] = Peer(generation, last_heartbeat=time.monotonic())
         return peer
 
-    def _on_dead(self, shard: int, pid: int) -> None:
-        """The supervisor saw the process of ``shard`` exit (or killed it)."""
+    def _on_dead(self, shard: int, pid: int, planned: bool) -> None:
+        """The supervisor saw the process of ``shard`` exit (or stopped it: ``planned``)."""
         peer = self.peers.get(shard)
         if peer is not None and peer.pid in (pid, 0):
             del self.peers[shard]
             self._forget_sequences(shard, peer.generation)
-            logger.info(
-                "worker %d (pid %d) died: its %d client(s) are gone", shard, pid, peer.clients
-            )
+            if planned:  # a reload or one worker fewer: it drained its clients first
+                logger.debug("worker %d (pid %d) stopped as planned", shard, pid)
+            else:
+                logger.info(
+                    "worker %d (pid %d) died: its %d client(s) are gone", shard, pid, peer.clients
+                )
 
     def _forget_sequences(self, shard: int, generation: str) -> None:
         key = (shard, generation)

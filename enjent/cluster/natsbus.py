@@ -39,12 +39,14 @@ import logging
 import os
 import socket
 import ssl as ssl_module
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..exceptions import BusError
+from ..server.logs import RepeatedLog
 from . import bus
 from .engine import BusEngine
 
@@ -165,6 +167,7 @@ class NatsEngine(BusEngine):
         heartbeat_interval: float = 1.0,
         peer_timeout: float = 5.0,
         forget_after: float = 3.0,
+        first_wait: float = 1.0,
     ) -> None:
         super().__init__(
             hub,
@@ -176,8 +179,17 @@ class NatsEngine(BusEngine):
         )
         self.config = config
         self.max_pending = max_pending
-        for name in ("slow_consumers", "disconnects", "reconnects"):
+        for name in ("slow_consumers", "disconnects", "reconnects", "connect_failures"):
             self.counters[name] = 0
+        #: the topics this worker listens to, subscribed again on (re)connection
+        self._wanted: set[bytes] = set(self.topics)
+        self._connector: asyncio.Task[None] | None = None
+        self._down_since = 0.0
+        self._last_error = ""
+        #: seconds :meth:`start` waits for the first connection before serving without it
+        self.first_wait = first_wait
+        #: errors nats-py reports (each failed reconnect attempt is one): rate-limited
+        self._errors = RepeatedLog(logger, logging.WARNING)
         self._subjects: dict[bytes, str] = {}
         self._topics: dict[str, bytes] = {}
         self._subscriptions: dict[bytes, Any] = {}
@@ -213,14 +225,47 @@ class NatsEngine(BusEngine):
     # --------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Connect (waiting for the first server at most ``connect_timeout``), subscribe."""
-        import nats  # layer 3's optional engine: imported only when asked for
+        """Start the heartbeat and the publisher, and connect, waiting at most ``first_wait``.
 
-        options = {
+        A worker serves whether NATS is reachable or not: when no server
+        answers within ``first_wait`` seconds (nothing listens yet, a host
+        that booted before its NATS node), one warning says so, ``/healthz``
+        says ``degraded``, and nats-py goes on trying in the background
+        (every ``reconnect_time_wait`` per server, each failure counted in
+        ``connect_failures``) until it connects; one line then says after how
+        long. Meanwhile what the worker publishes is dropped and counted
+        (``dropped``), as in any outage. Raises :class:`BusError` only for
+        settings nats-py refuses outright.
+        """
+        from nats.aio.client import Client  # layer 3's optional engine: only when asked for
+
+        loop = asyncio.get_running_loop()
+        self._publisher = loop.create_task(self._publish_forever())
+        self._start_heartbeats()
+        self._down_since = time.monotonic()
+        connector = self._connector = loop.create_task(self._connect(Client()))
+        done, _ = await asyncio.wait({connector}, timeout=self.first_wait)
+        if done:
+            connector.result()  # BusError: settings nats-py refused
+            return
+        connector.add_done_callback(self._connector_done)
+        servers = ", ".join(self.config.servers)
+        detail = f" ({self._last_error})" if self._last_error else ""
+        logger.warning(
+            "worker %d: NATS not reachable at %s within %.1fs%s: serving without the bus "
+            "(health degraded), connecting in the background",
+            self.shard,
+            servers,
+            self.first_wait,
+            detail,
+        )
+
+    def _connect_options(self) -> dict[str, Any]:
+        return {
             "name": f"enjent-{self.shard}-{os.getpid()}",
             "connect_timeout": 2,
             "reconnect_time_wait": 0.5,
-            "max_reconnect_attempts": -1,
+            "max_reconnect_attempts": -1,  # the first connection too: never gives up
             "ping_interval": 2,
             "max_outstanding_pings": 2,
             # the first URL is this host's own node (the README says so): a
@@ -231,21 +276,44 @@ class NatsEngine(BusEngine):
             "reconnected_cb": self._on_reconnected,
             **self.config.connect_options(),
         }
+
+    async def _connect(self, nc: Any) -> None:
+        """Connect ``nc`` (retrying until it succeeds), then subscribe to every topic wanted."""
         try:
-            self._nc = await nats.connect(**options)
+            await nc.connect(**self._connect_options())
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             servers = ", ".join(self.config.servers)
             detail = str(exc) or type(exc).__name__
             raise BusError(f"cannot connect to NATS at {servers}: {detail}") from None
+        self._nc = nc
         self._connected = True
-        for topic in self.topics:
+        for topic in list(self._wanted):
             await self._do_subscribe(topic)
-        self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
-        self._start_heartbeats()
+        self._wakeup.set()
+        if self.counters["connect_failures"]:
+            logger.warning(
+                "worker %d: connected to NATS after %.1fs without it (%d failed attempts)",
+                self.shard,
+                time.monotonic() - self._down_since,
+                self.counters["connect_failures"],
+            )
+
+    def _connector_done(self, task: asyncio.Task[None]) -> None:
+        if self._connector is task:
+            self._connector = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("worker %d: %s", self.shard, task.exception())
 
     async def close(self) -> None:
         """Stop the heartbeat, send what is queued (bounded), close the connection."""
         await self._stop_heartbeats()
+        if self._connector is not None:
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BusError):
+                await self._connector
+            self._connector = None
         if self._publisher is not None:
             for _ in range(50):
                 if not self._outbox:
@@ -273,10 +341,12 @@ class NatsEngine(BusEngine):
         return True
 
     def _subscribe(self, topic: bytes) -> None:
+        self._wanted.add(topic)
         self._outbox.append(("+", topic))
         self._wakeup.set()
 
     def _unsubscribe(self, topic: bytes) -> None:
+        self._wanted.discard(topic)
         self._outbox.append(("-", topic))
         self._wakeup.set()
 
@@ -285,9 +355,14 @@ class NatsEngine(BusEngine):
             return
         subject = self.subject(topic)
         self._topics[subject] = topic
-        self._subscriptions[topic] = await self._nc.subscribe(
+        claim = self._subscriptions[topic] = object()  # no second subscription meanwhile
+        subscription = await self._nc.subscribe(
             subject, cb=self._on_message, pending_msgs_limit=self.max_pending
         )
+        if self._subscriptions.get(topic) is claim:
+            self._subscriptions[topic] = subscription
+        else:  # unsubscribed while the subscription was being made
+            await subscription.unsubscribe()
 
     async def _publish_forever(self) -> None:
         """One task for the worker: publishes (and subscribes) in order, never per client."""
@@ -302,7 +377,7 @@ class NatsEngine(BusEngine):
                         await self._do_subscribe(payload)
                     elif subject == "-":
                         subscription = self._subscriptions.pop(payload, None)
-                        if subscription is not None:
+                        if hasattr(subscription, "unsubscribe"):  # not a claim in progress
                             await subscription.unsubscribe()
                     else:
                         await self._nc.publish(subject, payload)
@@ -327,13 +402,23 @@ class NatsEngine(BusEngine):
     async def _on_error(self, exc: Exception) -> None:
         if type(exc).__name__ == "SlowConsumerError":
             self.counters["slow_consumers"] += 1
-            logger.warning("NATS slow consumer: messages dropped (counted as gaps)")
+            self._errors(
+                "worker %d: NATS slow consumer: messages dropped (counted as gaps)", self.shard
+            )
+        elif not self._connected:
+            # a failed attempt of a reconnection (or of the first connection):
+            # the outage was logged once when it began, and is summed up at its end
+            self._last_error = str(exc) or type(exc).__name__
+            if self._nc is None:
+                self.counters["connect_failures"] += 1
+            logger.debug("worker %d: NATS: %s", self.shard, self._last_error)
         else:
-            logger.warning("NATS: %s", exc or type(exc).__name__)
+            self._errors("worker %d: NATS: %s", self.shard, exc or type(exc).__name__)
 
     async def _on_disconnected(self) -> None:
         if self._connected:
             self._connected = False
+            self._down_since = time.monotonic()
             self.counters["disconnects"] += 1
             logger.warning("worker %d: disconnected from NATS, reconnecting", self.shard)
 
@@ -342,7 +427,12 @@ class NatsEngine(BusEngine):
         self.counters["reconnects"] += 1
         url = getattr(self._nc, "connected_url", None)
         where = f"{url.hostname}:{url.port}" if url is not None else "NATS"
-        logger.warning("worker %d: reconnected to %s", self.shard, where)
+        logger.warning(
+            "worker %d: reconnected to %s after %.1fs",
+            self.shard,
+            where,
+            time.monotonic() - self._down_since,
+        )
 
     def health(self) -> dict[str, Any]:
         data = super().health()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import random
 import ssl as ssl_module
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -43,7 +44,10 @@ from .running import (
     url_of,
 )
 
-__all__ = ["WebSocketServer"]
+__all__ = ["BOOT_ERROR", "WebSocketServer"]
+
+#: The exit code of a server that could not start serving (``enjent run``'s too).
+BOOT_ERROR = 3
 
 logger = logging.getLogger("enjent.server")
 
@@ -339,8 +343,59 @@ class WebSocketServer(OptionAttributes):
             raise WebSocketServerError("the server is not listening")
         return int(sockets[0].getsockname()[1])
 
-    async def stop(self, *, close_timeout: float | None = None) -> None:
-        """Stop gracefully: stop accepting, Close 1001 to every client, wait.
+    async def drain(
+        self,
+        period: float,
+        *,
+        code: int = CloseCode.SERVICE_RESTART,
+        reason: str = "server restarting",
+    ) -> None:
+        """Stop accepting, keep the clients a while, then close them spread over ``period``.
+
+        What a worker does when a reload replaced it (the supervisor's SIGHUP):
+        its successor takes the new connections while this one keeps its
+        clients (and its bus: broadcasts still reach them). Nobody is closed
+        in the first fifth of ``period`` (clients may leave by themselves);
+        then each client still here is closed with ``code`` (1012, Service
+        Restart: reconnect) at its own moment, evenly spread over the rest of
+        ``period`` with jitter, so that they do not all reconnect in the
+        same second. Returns when every connection is gone, or about
+        ``close_timeout`` after the last close; call :meth:`stop` afterwards.
+        One task, whatever the number of clients (no timer per client).
+        """
+        if not period >= 0:
+            raise ValueError("period must be >= 0 seconds")
+        loop = asyncio.get_running_loop()
+        state = self._state
+        if self._listener is not None:
+            self._listener.close()  # the successor's socket takes new connections
+        clients = list(self.hub.clients.values())
+        logger.info("draining: %d client(s) closed with %d over %.0fs", len(clients), code, period)
+        random.shuffle(clients)
+        started = loop.time()
+        grace = period / 5
+        spread = period - grace
+        count = len(clients)
+        for index, client in enumerate(clients):
+            due = started + grace + spread * (index + random.random()) / count
+            wait = due - loop.time()
+            if wait > 0.01:
+                if not state.open_connections():
+                    break  # everyone left by themselves
+                await asyncio.sleep(wait)
+            client.close(code, reason)  # a no-op for a client already gone
+        deadline = loop.time() + self.close_timeout
+        while state.open_connections() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(
+        self,
+        *,
+        close_timeout: float | None = None,
+        code: int = CloseCode.GOING_AWAY,
+        reason: str = "server shutting down",
+    ) -> None:
+        """Stop gracefully: stop accepting, Close ``code`` (1001) to every client, wait.
 
         Clients still connected after ``close_timeout`` are aborted.
         """
@@ -357,7 +412,7 @@ class WebSocketServer(OptionAttributes):
                 if connection.transport is not None:
                     connection.transport.close()
             else:
-                connection.close_websocket(CloseCode.GOING_AWAY, "server shutting down")
+                connection.close_websocket(code, reason)
         deadline = loop.time() + timeout
         while state.open_connections() and loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -405,6 +460,10 @@ class WebSocketServer(OptionAttributes):
         host over NATS (the supervisor runs even for one worker).
         SIGHUP is logged and ignored by one process (it cannot reload
         without dropping its clients); with workers, it replaces them.
+
+        When it cannot serve (the address is in use, the port is not
+        allowed) it logs one line and raises ``SystemExit(3)``, the exit
+        code ``enjent run`` gives for the same failure.
         """
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
@@ -420,10 +479,15 @@ class WebSocketServer(OptionAttributes):
                 raise SystemExit(code)
             return
         scheme = "ws" if ssl is None else "wss"
-        run_event_loop(
-            serve_until_signal(
-                lambda: self.start(host, port, ssl=ssl),
-                self.stop,
-                lambda: ", ".join(url_of(scheme, sock) for sock in self.sockets),
+        try:
+            run_event_loop(
+                serve_until_signal(
+                    lambda: self.start(host, port, ssl=ssl),
+                    self.stop,
+                    lambda: ", ".join(url_of(scheme, sock) for sock in self.sockets),
+                )
             )
-        )
+        except WebSocketServerError as exc:
+            # e.g. the port is taken: one line and exit code 3, as `enjent run` does
+            logger.error("%s", exc)
+            raise SystemExit(BOOT_ERROR) from None

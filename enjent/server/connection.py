@@ -22,6 +22,7 @@ from ..exceptions import WebSocketNegotiationError
 from ..frames import CloseCode
 from ..http11 import Request, error_response, parse_request, without_body
 from ..protocol import Close, ServerProtocol, State
+from .logs import RepeatedLog
 from .policy import log_access
 
 if TYPE_CHECKING:
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "ServerState"]
 
 logger = logging.getLogger("enjent.connection")
+#: What clients can repeat at will, logged at most once per 10 s with a count
+#: (each is counted in /metrics: handshakes_refused, protocol_errors, ...)
+_server_refusals = RepeatedLog(logger, logging.WARNING)
+_protocol_errors = RepeatedLog(logger, logging.INFO)
+_slow_consumers = RepeatedLog(logger, logging.INFO)
 
 _OPEN = State.OPEN
 #: Client writes (deliveries) that the messages of one read may cause in one
@@ -469,10 +475,12 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
 
     def _refuse(self, error: WebSocketNegotiationError, request: Request | None) -> None:
         state = self.state_of_server
+        # a refusal is the client's business (a scanner's GET / included): DEBUG,
+        # counted, in the access log; the server's own (5xx) warn, rate-limited
         if int(error.status) >= 500:
-            logger.warning("handshake refused: %s", error)
+            _server_refusals("handshake refused: %s", error)
         else:
-            logger.info("handshake refused: %s", error)
+            logger.debug("handshake refused: %s", error)
         state.stats["handshakes_refused"] += 1
         transport = self.transport
         if state.options.handshake.access_log:
@@ -627,7 +635,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
     def _slow_consumer(self) -> None:
         """The stated policy: over ``write_limit`` and still sent to → close 1008."""
         self.state_of_server.stats["slow_consumers_closed"] += 1
-        logger.info("closing %s: slow consumer over its write limit", self.client)
+        _slow_consumers("closing %s: slow consumer over its write limit", self.client)
         self.close_websocket(CloseCode.POLICY_VIOLATION, "slow consumer")
 
     def close_websocket(self, code: int, reason: str) -> None:
@@ -660,7 +668,9 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
     def _on_close(self, event: Close) -> None:
         if event.failed:
             self.state_of_server.stats["protocol_errors"] += 1
-            logger.info("failing connection of %s: %s (%d)", self.client, event.reason, event.code)
+            _protocol_errors(
+                "failing connection of %s: %s (%d)", self.client, event.reason, event.code
+            )
 
 
 class _FrameReader(asyncio.BufferedProtocol):

@@ -74,6 +74,7 @@ _BUS_COUNTERS: tuple[tuple[str, str], ...] = (
     ("slow_consumers", "NATS slow-consumer errors (messages dropped by the NATS client)"),
     ("disconnects", "disconnections from the NATS server"),
     ("reconnects", "reconnections to a NATS server"),
+    ("connect_failures", "failed attempts to reach NATS while the worker serves without it"),
 )
 
 
