@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import os
 import shutil
 import signal
@@ -463,3 +464,18 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [line for line in result.stderr.splitlines() if "enjent.service" in line]
     assert not problems, result.stderr
     assert shutil.which(str(enjent))
+
+
+def test_the_nginx_file_keeps_health_and_metrics_internal(deployment: Deployment) -> None:
+    """``/healthz`` and ``/metrics`` have locations of their own that allow only internal
+    addresses (``deny all`` for the rest); from the host itself they answer."""
+    conf = (REPO_ROOT / "deploy" / "nginx" / "enjent.conf").read_text()
+    for path in ("/healthz", "/metrics"):
+        match = re.search(r"location = " + re.escape(path) + r" \{(.*?)\}", conf, re.S)
+        assert match is not None, f"no location = {path}"
+        block = match.group(1)
+        assert re.search(r"^\s*deny\s+all;", block, re.M), block
+        assert "allow 127.0.0.1;" in block and "proxy_pass http://enjent;" in block
+    context = deployment.cert.client_context()
+    status, _, body = https_get(f"https://127.0.0.1:{deployment.https_port}/metrics", context)
+    assert status == 200 and b"enjent_connections" in body
