@@ -393,3 +393,35 @@ def wait_for_http(port: int, path: str, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"nothing answered 200 at {path} on port {port}")
         time.sleep(0.05)
+
+
+def test_run_usage_errors_print_the_usage_of_run() -> None:
+    result = enjent("run", "tests.cluster_app:server", "--no-such-option")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("usage: enjent run "), result.stderr
+    assert "unrecognized arguments: --no-such-option" in result.stderr
+
+
+def test_python_myapp_with_the_port_taken_exits_3_in_one_line(tmp_path: Path) -> None:
+    """``python myapp.py`` (one process, ``server.run()``) fails as ``enjent run`` does:
+    one error line naming the address, exit code 3, no traceback."""
+    import socket
+
+    app = tmp_path / "myapp.py"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app.write_text(
+            "from enjent import WebSocketServer\n"
+            "server = WebSocketServer()\n"
+            "if __name__ == '__main__':\n"
+            f"    server.run('127.0.0.1', {port})\n"
+        )
+        result = subprocess.run(
+            [sys.executable, str(app)], capture_output=True, text=True, timeout=20, cwd=tmp_path
+        )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], result.stderr

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import ssl

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import random
 import ssl as ssl_module
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -24,6 +23,7 @@ from ..exceptions import WebSocketServerError
 from ..frames import CloseCode
 from ..http11 import Request
 from .client import WebSocketClient
+from .closing import close_connections, drain_clients
 from .connection import Connection, ServerState
 from .handlers import Handlers
 from .hub import Hub, TrustedProxies
@@ -39,15 +39,12 @@ from .running import (
     prepare_process,
     refuse_inside_a_loop,
     refuse_while_importing,
-    run_event_loop,
-    serve_until_signal,
+    run_until_signal,
     url_of,
 )
 
-__all__ = ["BOOT_ERROR", "WebSocketServer"]
-
-#: The exit code of a server that could not start serving (``enjent run``'s too).
-BOOT_ERROR = 3
+__all__ = ["WebSocketServer"]
+_GOING_AWAY = "server shutting down"  # the reason of a stop's Close 1001
 
 logger = logging.getLogger("enjent.server")
 
@@ -344,56 +341,20 @@ class WebSocketServer(OptionAttributes):
         return int(sockets[0].getsockname()[1])
 
     async def drain(
-        self,
-        period: float,
-        *,
-        code: int = CloseCode.SERVICE_RESTART,
-        reason: str = "server restarting",
+        self, period: float, *, code: int = CloseCode.SERVICE_RESTART, reason: str = "restarting"
     ) -> None:
-        """Stop accepting, keep the clients a while, then close them spread over ``period``.
+        """Stop accepting, then close the clients with ``code`` spread over ``period`` seconds.
 
-        What a worker does when a reload replaced it (the supervisor's SIGHUP):
-        its successor takes the new connections while this one keeps its
-        clients (and its bus: broadcasts still reach them). Nobody is closed
-        in the first fifth of ``period`` (clients may leave by themselves);
-        then each client still here is closed with ``code`` (1012, Service
-        Restart: reconnect) at its own moment, evenly spread over the rest of
-        ``period`` with jitter, so that they do not all reconnect in the
-        same second. Returns when every connection is gone, or about
-        ``close_timeout`` after the last close; call :meth:`stop` afterwards.
-        One task, whatever the number of clients (no timer per client).
+        A worker replaced by a reload does this (:mod:`~enjent.server.closing`:
+        none closed in the first fifth, then one at a time with jitter);
+        call :meth:`stop` afterwards.
         """
-        if not period >= 0:
-            raise ValueError("period must be >= 0 seconds")
-        loop = asyncio.get_running_loop()
-        state = self._state
         if self._listener is not None:
             self._listener.close()  # the successor's socket takes new connections
-        clients = list(self.hub.clients.values())
-        logger.info("draining: %d client(s) closed with %d over %.0fs", len(clients), code, period)
-        random.shuffle(clients)
-        started = loop.time()
-        grace = period / 5
-        spread = period - grace
-        count = len(clients)
-        for index, client in enumerate(clients):
-            due = started + grace + spread * (index + random.random()) / count
-            wait = due - loop.time()
-            if wait > 0.01:
-                if not state.open_connections():
-                    break  # everyone left by themselves
-                await asyncio.sleep(wait)
-            client.close(code, reason)  # a no-op for a client already gone
-        deadline = loop.time() + self.close_timeout
-        while state.open_connections() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await drain_clients(self._state, period, code, reason)
 
     async def stop(
-        self,
-        *,
-        close_timeout: float | None = None,
-        code: int = CloseCode.GOING_AWAY,
-        reason: str = "server shutting down",
+        self, *, close_timeout: float | None = None, code: int = 1001, reason: str = _GOING_AWAY
     ) -> None:
         """Stop gracefully: stop accepting, Close ``code`` (1001) to every client, wait.
 
@@ -403,23 +364,9 @@ class WebSocketServer(OptionAttributes):
             return
         self._stopping = True
         timeout = self.close_timeout if close_timeout is None else close_timeout
-        loop = asyncio.get_running_loop()
-        state = self._state
         if self._listener is not None:
             self._listener.close()
-        for connection in state.all_connections():
-            if connection.client is None:
-                if connection.transport is not None:
-                    connection.transport.close()
-            else:
-                connection.close_websocket(code, reason)
-        deadline = loop.time() + timeout
-        while state.open_connections() and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in state.all_connections():
-            if connection.transport is not None:
-                connection.transport.abort()
-        await asyncio.sleep(0)
+        await close_connections(self._state, code, reason, timeout)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -461,9 +408,7 @@ class WebSocketServer(OptionAttributes):
         SIGHUP is logged and ignored by one process (it cannot reload
         without dropping its clients); with workers, it replaces them.
 
-        When it cannot serve (the address is in use, the port is not
-        allowed) it logs one line and raises ``SystemExit(3)``, the exit
-        code ``enjent run`` gives for the same failure.
+        When it cannot listen it logs one line and exits 3, as ``enjent run`` does.
         """
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
@@ -479,15 +424,8 @@ class WebSocketServer(OptionAttributes):
                 raise SystemExit(code)
             return
         scheme = "ws" if ssl is None else "wss"
-        try:
-            run_event_loop(
-                serve_until_signal(
-                    lambda: self.start(host, port, ssl=ssl),
-                    self.stop,
-                    lambda: ", ".join(url_of(scheme, sock) for sock in self.sockets),
-                )
-            )
-        except WebSocketServerError as exc:
-            # e.g. the port is taken: one line and exit code 3, as `enjent run` does
-            logger.error("%s", exc)
-            raise SystemExit(BOOT_ERROR) from None
+        run_until_signal(
+            lambda: self.start(host, port, ssl=ssl),
+            self.stop,
+            lambda: ", ".join(url_of(scheme, sock) for sock in self.sockets),
+        )

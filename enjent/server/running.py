@@ -24,6 +24,7 @@ from ..exceptions import WebSocketServerError
 from .options import Limits
 
 __all__ = [
+    "BOOT_ERROR",
     "AppServesOnImport",
     "capacity",
     "configure_default_logging",
@@ -31,6 +32,7 @@ __all__ = [
     "prepare_process",
     "refuse_while_importing",
     "run_event_loop",
+    "run_until_signal",
     "serve_until_signal",
     "tune_allocator",
 ]
@@ -177,6 +179,27 @@ def configure_default_logging() -> None:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+
+
+#: The exit code of a server that could not start serving (``enjent run``'s too).
+BOOT_ERROR = 3
+
+
+def run_until_signal(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    describe: Callable[[], str],
+) -> None:
+    """:func:`serve_until_signal` on its own loop; exit 3 in one line when it cannot serve.
+
+    ``python myapp.py`` whose port is taken fails as ``enjent run`` does: the
+    error logged (no traceback) and ``SystemExit(3)``.
+    """
+    try:
+        run_event_loop(serve_until_signal(start, stop, describe))
+    except WebSocketServerError as exc:
+        logger.error("%s", exc)
+        raise SystemExit(BOOT_ERROR) from None
 
 
 def run_event_loop(main: Awaitable[Any]) -> Any:
