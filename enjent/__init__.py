@@ -12,6 +12,8 @@ in one uvloop worker per core behind a supervisor, as one logical server.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .exceptions import (
     BusError,
     ConnectionClosedError,
@@ -38,8 +40,32 @@ from .server import (
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from .cluster.publisher import AsyncPublisher, MessageTooBigError, Publisher
+
+#: Names imported from the cluster layer on first use (``from enjent import
+#: Publisher``): importing ``enjent`` does not load ZeroMQ or NATS.
+_LAZY = {
+    "AsyncPublisher": "enjent.cluster.publisher",
+    "MessageTooBigError": "enjent.cluster.publisher",
+    "Publisher": "enjent.cluster.publisher",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'enjent' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "Accept",
+    "AsyncPublisher",
     "BusError",
     "ClientInfo",
     "Close",
@@ -48,11 +74,13 @@ __all__ = [
     "EnjentError",
     "HandshakeRejected",
     "Headers",
+    "MessageTooBigError",
     "Opcode",
     "Ping",
     "Pong",
     "Presence",
     "ProtocolError",
+    "Publisher",
     "Request",
     "Response",
     "Room",

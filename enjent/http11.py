@@ -302,13 +302,15 @@ def parse_request(
     max_request_line: int = 8192,
     max_request_size: int = 16384,
     max_headers: int = 100,
+    any_method: bool = False,
 ) -> tuple[Request, int] | None:
     """Parse the head of an HTTP/1.1 request from the start of ``data``.
 
     Returns ``(request, consumed)`` once the head is complete, ``None`` while
     more bytes are needed. ``GET`` and ``HEAD`` are accepted, over HTTP/1.1
     or HTTP/1.0 (load balancers' health probes; only HTTP/1.1 may upgrade,
-    which :func:`~enjent.handshake.validate_upgrade` checks). Raises
+    which :func:`~enjent.handshake.validate_upgrade` checks); with
+    ``any_method``, every method (a token), for an HTTP API to judge. Raises
     :class:`WebSocketNegotiationError` with 400 (malformed), 405 (another
     method), 414 (request line too long), 431 (head too large, or too many
     fields) or 505 (another HTTP version).
@@ -327,6 +329,7 @@ def parse_request(
             max_request_line=max_request_line,
             max_request_size=max_request_size - start,
             max_headers=max_headers,
+            any_method=any_method,
         )
         return None if parsed is None else (parsed[0], parsed[1] + start)
     end = data.find(_END_OF_HEAD, 0, max_request_size + 4)
@@ -375,9 +378,10 @@ def parse_request(
         method = "HEAD"
     else:
         method = method_bytes.decode("ascii")
-        raise WebSocketNegotiationError(
-            405, f"method {method} not allowed, use GET", headers=[("Allow", "GET, HEAD")]
-        )
+        if not any_method:
+            raise WebSocketNegotiationError(
+                405, f"method {method} not allowed, use GET", headers=[("Allow", "GET, HEAD")]
+            )
     target = _origin_form(target_bytes.decode("ascii"))
     version = "HTTP/1.1" if version_bytes == b"HTTP/1.1" else "HTTP/1.0"
     raw_headers = head[first_line_end + 2 :] if first_line_end >= 0 else None

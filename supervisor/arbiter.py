@@ -43,15 +43,17 @@ import shutil
 import signal
 import socket
 import ssl as ssl_module
+import stat
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from enjent.cluster.natsbus import NatsConfig, host_shard_base
+from enjent.cluster.natsbus import IpcBus, NatsConfig, host_shard_base
 from enjent.server.running import tune_allocator
 
+from .httpapi import ApiSettings
 from .warmup import fill_allocator_pools, warm_up
 from .worker import APP_LOAD_ERROR, DRAIN_SIGNAL, WORKER_BOOT_ERROR, WorkerSpec, worker_main
 
@@ -131,9 +133,10 @@ class Arbiter:
         close_timeout: float = 5.0,
         runtime_dir: str | None = None,
         worker_timeout: float = WORKER_TIMEOUT,
-        bus: NatsConfig | None = None,
+        bus: NatsConfig | IpcBus | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
         drain_timeout: float = DRAIN_TIMEOUT,
+        api: ApiSettings | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -143,15 +146,22 @@ class Arbiter:
             raise ValueError("drain_timeout must be >= 0")
         self.boot_timeout = boot_timeout
         self.drain_timeout = drain_timeout
+        #: the HTTP publish API's settings (``--api``), served by a process of its own
+        self.api = api
+        self.api_pid = 0
+        self._api_started_at = 0.0
+        self._api_restart_at = 0.0
         #: where the private directory of the bus's ipc:// sockets is made
         #: (``None``: the system's temporary directory)
         self.runtime_parent = runtime_dir
         if not worker_timeout > 0:
             raise ValueError("worker_timeout must be positive")
         self.worker_timeout = worker_timeout
+        #: the embedded broker's directory when given (``--bus ipc:///DIR``): kept at stop
+        self.bus_directory = bus.directory if isinstance(bus, IpcBus) else None
         #: ``None``: the embedded ZeroMQ broker; else every worker connects to NATS
-        self.bus = bus
-        self._shard_base = 0 if bus is None else host_shard_base(bus, host, port)
+        self.bus = bus if isinstance(bus, NatsConfig) else None
+        self._shard_base = 0 if self.bus is None else host_shard_base(self.bus, host, port)
         self._broker_backoff = BROKER_BACKOFF[0]
         self._broker_started_at = 0.0
         self._broker_restart_at = 0.0
@@ -186,8 +196,26 @@ class Arbiter:
         except OSError as exc:
             logger.error("cannot listen on %s:%s: %s", self.host, self.port, exc.strerror or exc)
             return WORKER_BOOT_ERROR
+        if self.api is not None:
+            try:
+                _probe_port(self.api.host, self.api.port)
+            except OSError as exc:
+                logger.error(
+                    "the publish API cannot listen on %s:%s: %s",
+                    self.api.host,
+                    self.api.port,
+                    exc.strerror or exc,
+                )
+                return WORKER_BOOT_ERROR
+        if self.bus_directory is not None:
+            problem = _use_bus_directory(self.bus_directory)
+            if problem:
+                logger.error("%s", problem)
+                return USAGE_ERROR
         try:
-            self.runtime_dir = tempfile.mkdtemp(prefix="enjent-", dir=self.runtime_parent)  # 0700
+            self.runtime_dir = self.bus_directory or tempfile.mkdtemp(
+                prefix="enjent-", dir=self.runtime_parent
+            )  # 0700
         except OSError as exc:
             logger.error(
                 "cannot create the runtime directory in %s: %s",
@@ -218,6 +246,8 @@ class Arbiter:
         try:
             if self.bus is None:
                 self._spawn_broker()
+            if self.api is not None:
+                self._spawn_api()
             self._maintain()
             logger.info(
                 "supervisor (pid %d): %d workers serving on %s://%s:%d",
@@ -356,6 +386,36 @@ class Arbiter:
             shard += 1
         return shard
 
+    def _spawn_api(self) -> None:
+        from .httpapi import api_main
+
+        settings = self.api
+        assert settings is not None
+        bus: NatsConfig | IpcBus = self.bus or IpcBus(self.runtime_dir)
+
+        def child() -> int:
+            with contextlib.suppress(OSError):
+                os.close(self.broker_control)
+            for worker in self.workers.values():
+                with contextlib.suppress(OSError):
+                    os.close(worker.ready_fd)
+            return api_main(settings, bus)
+
+        self.api_pid = self._fork(child)
+        self._api_started_at = time.monotonic()
+        logger.info("publish API started (pid %d)", self.api_pid)
+
+    def _api_died(self, pid: int, code: int) -> None:
+        """Restart the API a second later; stop everything if it cannot listen at all."""
+        self.api_pid = 0
+        if code == WORKER_BOOT_ERROR and time.monotonic() - self._api_started_at < 5.0:
+            logger.error("the publish API (pid %d) cannot start: stopping", pid)
+            self.exit_code = WORKER_BOOT_ERROR
+            self._stopping = True
+            return
+        logger.error("the publish API (pid %d) died (%s); restarting it", pid, _describe(code))
+        self._api_restart_at = time.monotonic() + 1.0
+
     def _spawn_worker(self, slot: int) -> None:
         read_fd, write_fd = os.pipe()
         parent_pid = os.getpid()
@@ -410,6 +470,8 @@ class Arbiter:
             return
         if self.bus is None and not self.broker_pid and time.monotonic() >= self._broker_restart_at:
             self._spawn_broker()
+        if self.api is not None and not self.api_pid and time.monotonic() >= self._api_restart_at:
+            self._spawn_api()
         workers = list(self.workers.values())
         current = {w.slot for w in workers if not w.retiring and not w.replaced}
         for slot in range(self.num_workers):
@@ -435,6 +497,12 @@ class Arbiter:
                 self.broker_pid = 0
                 if not self._stopping:
                     self._broker_died(pid, code)
+                continue
+            if pid == self.api_pid:
+                if self._stopping:
+                    self.api_pid = 0
+                else:
+                    self._api_died(pid, code)
                 continue
             worker = self.workers.pop(pid, None)
             if worker is None:
@@ -588,9 +656,10 @@ class Arbiter:
 
     def _shutdown(self) -> None:
         self._stopping = True
-        for worker in self.workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGTERM)
+        for pid in [worker.pid for worker in self.workers.values()] + [self.api_pid]:
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.close_timeout + 3.0
         while self.workers and time.monotonic() < deadline:
             self._reap()
@@ -604,6 +673,17 @@ class Arbiter:
         while self.workers and time.monotonic() < kill_deadline:
             self._reap()
             time.sleep(0.02)
+        api_deadline = time.monotonic() + 3.0
+        while self.api_pid and time.monotonic() < api_deadline:
+            self._reap()
+            if self.api_pid:
+                time.sleep(0.02)
+        if self.api_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.api_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.api_pid, 0)
+            self.api_pid = 0
         if self.broker_control >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.broker_control)  # the broker exits at end of file
@@ -618,7 +698,7 @@ class Arbiter:
                     os.kill(self.broker_pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(self.broker_pid, 0)
-        if self.runtime_dir:
+        if self.runtime_dir and self.bus_directory is None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self._port_reservation is not None:
             self._port_reservation.close()
@@ -653,6 +733,49 @@ class Arbiter:
             probe.bind(address)
 
 
+def _probe_port(host: str, port: int) -> None:
+    """Raise ``OSError`` if something listens on ``host:port`` already."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(info[4])
+
+
+def _use_bus_directory(directory: str) -> str:
+    """Make ``directory`` (mode 0700) or check an existing one; what is wrong, or ``""``.
+
+    Whoever can enter the directory can publish to every client and read
+    every presence answer: one that others may enter (group or world bits)
+    is refused, not fixed behind the operator's back. A live broker already
+    there (another supervisor on the same directory) is refused too.
+    """
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+    except OSError as exc:
+        return f"cannot use the bus directory {directory}: {exc.strerror or exc}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"the bus directory {directory} is not a directory"
+    if info.st_mode & 0o077:
+        return (
+            f"the bus directory {directory} is open to others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}): whoever enters it can publish to every "
+            f"client; run `chmod 700 {directory}` or choose another"
+        )
+    if info.st_uid != os.geteuid():
+        return f"the bus directory {directory} belongs to another user"
+    socket_path = os.path.join(directory, "bus-in")
+    if os.path.exists(socket_path):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(socket_path)
+            except OSError:
+                return ""  # a leftover of a stopped broker: bound afresh
+        return f"another Enjent supervisor serves the bus directory {directory}"
+    return ""
+
+
 def _describe(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -669,7 +792,7 @@ def run_cluster(
     workers: int,
     ssl: ssl_module.SSLContext | None = None,
     worker_timeout: float = WORKER_TIMEOUT,
-    bus: NatsConfig | None = None,
+    bus: NatsConfig | IpcBus | None = None,
     boot_timeout: float = BOOT_TIMEOUT,
     drain_timeout: float = DRAIN_TIMEOUT,
 ) -> int:

@@ -1,4 +1,4 @@
-"""The ``enjent`` command line: ``enjent run MODULE:ATTR``.
+"""The ``enjent`` command line: ``enjent run MODULE:ATTR``, ``enjent publish``.
 
 Supervisor layer. Every option can also come from an ``ENJENT_*``
 environment variable; the command line wins over the environment, and both
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arbiter import APP_LOAD_ERROR, USAGE_ERROR, WORKER_BOOT_ERROR, Arbiter
+from .httpapi import ApiSettings, read_api_key
+from .publishing import add_publish_parser, publish_main
 
 logger = logging.getLogger("enjent.cli")
 
@@ -114,6 +116,12 @@ def _bus(text: str) -> Any:
     return parse_bus(text)
 
 
+def _api_address(text: str) -> tuple[str, int]:
+    from .httpapi import parse_api_address
+
+    return parse_api_address(text)
+
+
 def _address_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -178,6 +186,24 @@ SETTINGS: tuple[Setting, ...] = (
         _bus,
         None,
         "URLS",
+    ),
+    Setting(
+        "api",
+        ("--api",),
+        "serve the HTTP publish API on HOST:PORT, a listener of its own (off by default; "
+        "keep it internal); every request needs Authorization: Bearer with the key from "
+        "ENJENT_API_KEY or --api-key-file",
+        _api_address,
+        None,
+        "HOST:PORT",
+    ),
+    Setting(
+        "api_key_file",
+        ("--api-key-file",),
+        "a file holding the publish API's key (instead of ENJENT_API_KEY)",
+        str,
+        None,
+        "FILE",
     ),
     Setting(
         "worker_timeout",
@@ -302,9 +328,10 @@ def _env_name(setting: Setting) -> str:
 
 
 class CommandParser(argparse.ArgumentParser):
-    """The ``enjent`` parser; :attr:`run` is the parser of its ``run`` subcommand."""
+    """The ``enjent`` parser; :attr:`run` and :attr:`publish` are its subcommands' parsers."""
 
     run: argparse.ArgumentParser
+    publish: argparse.ArgumentParser
 
 
 def build_parser() -> CommandParser:
@@ -332,6 +359,8 @@ def build_parser() -> CommandParser:
         help="ATTR a WebSocketServer or a function returning one (ENJENT_APP)",
     )
     parser.run = run
+    add_publish_parser(commands)
+    parser.publish = commands.choices["publish"]
     for setting in SETTINGS:
         text = f"{setting.help} ({_env_name(setting)})"
         if setting.convert is _flag:
@@ -467,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"enjent {__version__}")
         return 0
+    if args.command == "publish":
+        if unknown:
+            top.publish.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return publish_main(args, top.publish)
     if args.command != "run":
         if unknown:
             top.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -514,7 +547,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.configure(**overrides)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    if values["workers"] == 1 and values["bus"] is None:
+    api = None
+    if values["api"] is not None:
+        api_host, api_port = values["api"]
+        if api_port == values["port"]:
+            parser.error("--api needs a port of its own, never the WebSocket port")
+        try:
+            key = read_api_key(values["api_key_file"])
+        except ValueError as exc:
+            parser.error(str(exc))
+        api = ApiSettings(api_host, api_port, key, max_message_size=server.max_message_size)
+    if values["workers"] == 1 and values["bus"] is None and api is None:
         try:
             server.run(values["host"], values["port"], ssl=ssl_context)
         except WebSocketServerError as exc:
@@ -533,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bus=values["bus"],
         boot_timeout=values["boot_timeout"],
         drain_timeout=values["drain_timeout"],
+        api=api,
     )
     return arbiter.run()
 

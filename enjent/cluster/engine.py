@@ -42,10 +42,11 @@ from ..frames import CloseCode
 from ..protocol import OutgoingMessage
 from ..server.connection import DELIVERY_BUDGET
 from ..server.ids import ClientIds
+from ..server.logs import RepeatedLog
 from ..server.metrics import WorkerSample
 from ..server.presence import MAX_PRESENCE_LIMIT, Presence, local_rows
 from . import bus
-from .bus import Kind
+from .bus import BROKER_ORIGIN, Kind
 
 if TYPE_CHECKING:
     from ..server.hub import Hub
@@ -55,6 +56,8 @@ __all__ = ["BusEngine", "Peer", "RemoteClient"]
 logger = logging.getLogger("enjent.cluster")
 
 _DEDUP_WINDOW = 1024
+#: Heartbeat intervals after which a silent publisher's sequence state is dropped.
+PUBLISHER_MEMORY = 60
 #: The most presence queries one worker may have in flight.
 MAX_QUERIES = 64
 COUNTER_NAMES = (
@@ -158,6 +161,11 @@ class BusEngine:
         self._last_malformed_warning = -10.0
         #: when our own heartbeat last came back through the bus
         self._own_heartbeat_at = time.monotonic()
+        #: heartbeat intervals since the start (a clock that costs nothing to read)
+        self._ticks = 0
+        #: (origin, generation) of each publisher heard -> the tick it was last heard
+        self._publishers_seen: dict[tuple[int, str], int] = {}
+        self._gap_log = RepeatedLog(logger, logging.WARNING)
 
     # ------------------------------------------------------ the transport
 
@@ -473,13 +481,16 @@ class BusEngine:
         last = per_topic.get(key)
         if last is not None and seq > last + 1:
             self.counters["gaps"] += seq - last - 1
-            logger.warning(
-                "bus gap: %d message(s) from worker %d lost on topic %r",
+            self._gap_log(
+                "bus gap: %d message(s) from %s %d lost on topic %r",
                 seq - last - 1,
+                "worker" if origin >= 0 else "publisher",
                 origin,
                 topic,
             )
         per_topic[key] = seq
+        if origin < BROKER_ORIGIN:  # a publisher: forgotten a while after its last message
+            self._publishers_seen[key] = self._ticks
 
     def _handle(self, topic: bytes, body: bytes) -> None:
         """Handle one envelope; a field of the wrong type raises :class:`BusError`."""
@@ -609,11 +620,23 @@ class BusEngine:
                     silent,
                 )
 
+    def _forget_publishers(self) -> None:
+        """Drop the sequence state of publishers silent for :data:`PUBLISHER_MEMORY` ticks."""
+        horizon = self._ticks - PUBLISHER_MEMORY
+        gone = [key for key, tick in self._publishers_seen.items() if tick < horizon]
+        for key in gone:
+            del self._publishers_seen[key]
+            for per_topic in self._last_seq.values():
+                per_topic.pop(key, None)
+
     async def _heartbeat_forever(self) -> None:
         self._publish(bus.TOPIC_CONTROL, Kind.HELLO)
         while True:
+            self._ticks += 1
             self._beat()
             self._check_peers()
+            if self._publishers_seen:
+                self._forget_publishers()
             await asyncio.sleep(self.heartbeat_interval)
 
 

@@ -53,7 +53,7 @@ from .engine import BusEngine
 if TYPE_CHECKING:
     from ..server.hub import Hub
 
-__all__ = ["NatsConfig", "NatsEngine", "host_shard_base", "parse_bus"]
+__all__ = ["IpcBus", "NatsConfig", "NatsEngine", "host_shard_base", "parse_bus", "subject_of"]
 
 logger = logging.getLogger("enjent.cluster")
 
@@ -96,10 +96,35 @@ class NatsConfig:
         return options
 
 
-def parse_bus(text: str | None, environ: Mapping[str, str] | None = None) -> NatsConfig | None:
-    """``None`` for the embedded ZeroMQ bus; a :class:`NatsConfig` for ``nats://`` URLs.
+@dataclass(frozen=True)
+class IpcBus:
+    """The embedded ZeroMQ bus at a stable address: its sockets in ``directory``.
 
-    ``text`` is ``zeromq`` (or empty) or a comma-separated list of
+    ``--bus ipc:///ABSOLUTE/DIR``: the supervisor's broker binds
+    ``DIR/bus-in`` (publishers connect there) and ``DIR/bus-out``
+    (subscribers), so that a :class:`~enjent.Publisher` of the same host
+    reaches the clients with the same URL. The directory is made with mode
+    0700 when missing; one that others may enter is refused.
+    """
+
+    directory: str
+
+    @property
+    def publish_endpoint(self) -> str:
+        return f"ipc://{self.directory}/bus-in"
+
+    @property
+    def subscribe_endpoint(self) -> str:
+        return f"ipc://{self.directory}/bus-out"
+
+
+def parse_bus(
+    text: str | None, environ: Mapping[str, str] | None = None
+) -> NatsConfig | IpcBus | None:
+    """``None`` for the private embedded bus; :class:`IpcBus` for ``ipc:///DIR``; a
+    :class:`NatsConfig` for ``nats://`` URLs.
+
+    ``text`` is ``zeromq`` (or empty), ``ipc:///ABSOLUTE/DIR``, or a comma-separated list of
     ``nats://`` / ``tls://`` URLs (credentials in the URL work too:
     ``nats://token@host:4222``, ``nats://user:pass@host:4222``). The other
     settings come from ``ENJENT_NATS_TOKEN``, ``ENJENT_NATS_USER``,
@@ -110,12 +135,20 @@ def parse_bus(text: str | None, environ: Mapping[str, str] | None = None) -> Nat
     env = os.environ if environ is None else environ
     if text is None or text.strip() in ("", "zeromq", "zmq"):
         return None
+    if text.strip().startswith("ipc://"):
+        directory = text.strip()[len("ipc://") :].rstrip("/")
+        if not directory.startswith("/") or "," in directory:
+            raise ValueError(f"bus {text!r}: expected ipc:///ABSOLUTE/DIR (three slashes)")
+        if len(directory) + len("/bus-out") > 107:  # sun_path, the final NUL included
+            raise ValueError(f"bus {text!r}: the directory is too long for ipc:// sockets")
+        return IpcBus(os.path.normpath(directory))
     servers = tuple(part.strip() for part in text.split(",") if part.strip())
     for server in servers:
         parts = urlsplit(server)
         if parts.scheme not in ("nats", "tls") or not parts.hostname:
             raise ValueError(
-                f"bus {server!r}: expected zeromq or nats://HOST:PORT[,nats://HOST:PORT...]"
+                f"bus {server!r}: expected zeromq, ipc:///DIR or "
+                "nats://HOST:PORT[,nats://HOST:PORT...]"
             )
     prefix = env.get("ENJENT_NATS_PREFIX", "enjent")
     if not prefix or not all(c.isalnum() or c in "-_" for c in prefix):
@@ -135,6 +168,22 @@ def parse_bus(text: str | None, environ: Mapping[str, str] | None = None) -> Nat
         subject_prefix=prefix,
         node_id=int(node) if node is not None else None,
     )
+
+
+def subject_of(prefix: str, topic: bytes) -> str:
+    """The NATS subject of a bus topic (the table in the module docstring).
+
+    A publisher's own topic (its origin is negative) is ``<prefix>.w.-N``.
+    """
+    if topic == bus.TOPIC_ALL:
+        return f"{prefix}.all"
+    if topic == bus.TOPIC_CONTROL:
+        return f"{prefix}.ctl"
+    if topic[:1] == b"S":
+        return f"{prefix}.w.{int(topic[1:-1])}"
+    if topic[:1] == b"R":
+        return f"{prefix}.r.{topic[1:].hex()}"
+    raise BusError(f"no subject for topic {topic!r}")
 
 
 def host_shard_base(config: NatsConfig, host: str, port: int) -> int:
@@ -206,17 +255,7 @@ class NatsEngine(BusEngine):
         """The NATS subject of a bus topic."""
         subject = self._subjects.get(topic)
         if subject is None:
-            prefix = self.config.subject_prefix
-            if topic == bus.TOPIC_ALL:
-                subject = f"{prefix}.all"
-            elif topic == bus.TOPIC_CONTROL:
-                subject = f"{prefix}.ctl"
-            elif topic[:1] == b"S":
-                subject = f"{prefix}.w.{int(topic[1:-1])}"
-            elif topic[:1] == b"R":
-                subject = f"{prefix}.r.{topic[1:].hex()}"
-            else:
-                raise BusError(f"no subject for topic {topic!r}")
+            subject = subject_of(self.config.subject_prefix, topic)
             if len(self._subjects) > 20_000:
                 self._subjects.clear()  # bounded: rooms come and go
             self._subjects[topic] = subject
