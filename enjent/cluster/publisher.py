@@ -57,6 +57,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 BUS_MESSAGE_LIMIT = bus.MAX_BODY - 64 * 1024
 #: Seconds a worker's heartbeat stays good for a presence query (3 intervals).
 _WORKER_FRESH = 3.0
+#: The topics every worker subscribes to: the bus is up when the broker forwards both.
+_EVERY_WORKER = frozenset((bus.TOPIC_ALL, bus.TOPIC_CONTROL))
+#: Seconds after the bus comes up for the rest of the subscriptions (rooms) to arrive.
+_SETTLE = 0.05
 
 
 class MessageTooBigError(EnjentError, ValueError):
@@ -93,6 +97,9 @@ class _ZmqTransport(_Transport):
         self._pub: Any = None
         self._sub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed: set[bytes] = set()
+        self._up = asyncio.Event()
+        self._up_at = 0.0
 
     async def start(self, topics: tuple[bytes, ...], timeout: float) -> None:
         import zmq
@@ -111,23 +118,52 @@ class _ZmqTransport(_Transport):
         sub.connect(self.config.subscribe_endpoint)
         for topic in topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
-        try:
-            await asyncio.wait_for(pub.recv(), timeout)  # the first subscription
-        except TimeoutError:
-            await self.close(0)
-            raise BusError(
-                f"no Enjent bus answers at {self.config.directory} within {timeout:g}s "
-                f"(is `enjent run ... --bus ipc://{self.config.directory}` running?)"
-            ) from None
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._drain_subscriptions()),
+            loop.create_task(self._follow_subscriptions()),
             loop.create_task(self._read()),
         ]
+        try:
+            await self._wait_until_up(timeout)
+        except BusError:
+            await self.close(0)
+            raise
 
-    async def _drain_subscriptions(self) -> None:
-        while True:  # later subscriptions: read, so that they never pile up
-            await self._pub.recv()
+    async def _follow_subscriptions(self) -> None:
+        """Keep the set of topics the broker subscribed to us (``\x01topic`` / ``\x00topic``)."""
+        subscribed = self._subscribed
+        while True:
+            message = await self._pub.recv()
+            if message[:1] == b"\x01":
+                subscribed.add(message[1:])
+            elif message[:1] == b"\x00":
+                subscribed.discard(message[1:])
+            if subscribed >= _EVERY_WORKER:
+                if not self._up.is_set():
+                    self._up_at = time.monotonic()
+                    self._up.set()
+            else:
+                self._up.clear()  # the broker is gone (restarting): wait, never drop
+
+    async def _wait_until_up(self, timeout: float) -> None:
+        """Wait until the broker forwards every worker's topics (a restarted one included).
+
+        A message for a topic nobody subscribed is dropped by ZeroMQ; while
+        the bus is down *every* topic is unsubscribed, so a publisher waits
+        for ``A`` and ``C`` (every worker's) instead of losing what it sends,
+        and lets the rest of a reconnection's subscriptions (rooms) arrive.
+        """
+        if not self._up.is_set():
+            try:
+                await asyncio.wait_for(self._up.wait(), timeout)
+            except TimeoutError:
+                raise BusError(
+                    f"no Enjent bus answers at {self.config.directory} within {timeout:g}s "
+                    f"(is `enjent run ... --bus ipc://{self.config.directory}` running?)"
+                ) from None
+        settle = self._up_at + _SETTLE - time.monotonic()
+        if settle > 0:
+            await asyncio.sleep(settle)
 
     async def _read(self) -> None:
         import zmq
@@ -141,6 +177,8 @@ class _ZmqTransport(_Transport):
                 self.on_receive(parts[0], parts[1])
 
     async def send(self, topic: bytes, body: bytes, timeout: float) -> None:
+        if not self._up.is_set() or time.monotonic() - self._up_at < _SETTLE:
+            await self._wait_until_up(timeout)
         try:
             await asyncio.wait_for(self._pub.send_multipart((topic, body)), timeout)
         except TimeoutError:
