@@ -366,3 +366,91 @@ async def test_echo_example_says_where_it_listens(repo_root: Path, free_port: in
         _, stderr = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 0
     assert f"serving on ws://127.0.0.1:{free_port} (1 worker" in stderr.decode()
+
+
+# ---------------------------------------------------------------- announce
+
+
+@pytest.mark.timeout(60)
+def test_announce_reaches_the_chat_rooms_from_another_process(
+    repo_root: Path, free_port: int, tmp_path: Path
+) -> None:
+    """The chat on two workers with its bus at a stable address; examples/announce.py,
+    a separate process, speaks in two rooms: their members on both workers see it in
+    the chat's own JSON, others do not."""
+    import subprocess
+    import tempfile
+
+    bus = f"ipc://{tempfile.mkdtemp(prefix='eja-')}/bus"
+    chat = subprocess.Popen(
+        [sys.executable, "examples/chat/app.py", "--host", HOST, "--port", str(free_port),
+         "--workers", "2", "--bus", bus],
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+
+    async def main() -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(HOST, free_port)
+                writer.close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and chat.poll() is None, "the chat did not start"
+                await asyncio.sleep(0.1)
+        members: dict[str, list[ClientConnection]] = {"lobby": [], "ops": [], "quiet": []}
+        for room, count in (("lobby", 4), ("ops", 4), ("quiet", 2)):
+            for index in range(count):
+                ws = await ws_connect(free_port, f"/?name={room}{index}")
+                await recv_json(ws)  # welcome
+                await recv_json(ws)  # joined lobby
+                if room != "lobby":
+                    await ws.send(f"/join {room}")
+                    assert await recv_json(ws) == {"type": "joined", "room": room}
+                members[room].append(ws)
+        await asyncio.sleep(1.0)  # presence notices settle, subscriptions reach the broker
+        for group in members.values():
+            for ws in group:
+                while True:  # drop the presence notices of the others joining
+                    try:
+                        await asyncio.wait_for(ws.recv(), 0.2)
+                    except TimeoutError:
+                        break
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "examples/announce.py", "--bus", bus, "--room", "lobby",
+             "--room", "ops", "Maintenance at 18:00"],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        for room in ("lobby", "ops"):
+            for ws in members[room]:
+                assert await recv_json(ws, 5) == message(room, "announcer", "Maintenance at 18:00")
+        for ws in members["quiet"]:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.5)
+        for group in members.values():
+            for ws in group:
+                await ws.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        chat.send_signal(signal.SIGTERM)
+        try:
+            chat.wait(15)
+        finally:
+            chat.kill()
+    unreachable = subprocess.run(
+        [sys.executable, "examples/announce.py", "--bus", f"ipc://{tmp_path}/none",
+         "--room", "lobby", "x"],
+        cwd=repo_root, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert "Traceback" not in unreachable.stderr

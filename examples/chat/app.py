@@ -5,7 +5,7 @@ moves the sender to that room; any other text goes to everyone in the
 sender's room (the sender included), on every worker. The page (``index.html``
 beside this file, plain HTML and JavaScript) is served by the handshake hook.
 
-    python examples/chat/app.py --host 127.0.0.1 --port 8000 [--workers N]
+    python examples/chat/app.py --host 127.0.0.1 --port 8000 [--workers N] [--bus ipc:///DIR]
 
 or ``enjent run examples.chat.app:server``. The page asks for a name,
 then connects; upgrades whose ``Origin`` is another site are refused (403),
@@ -169,13 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument(
+        "--bus",
+        default=os.environ.get("ENJENT_BUS"),
+        help="ipc:///DIR: the embedded bus at a stable address, so that examples/announce.py "
+        "(or any Publisher) reaches the rooms; or nats://HOST:PORT (ENJENT_BUS)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("ENJENT_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     print(f"chat on http://{args.host}:{args.port}/", flush=True)
-    server.run(args.host, args.port, workers=args.workers)
+    server.run(args.host, args.port, workers=args.workers, bus=args.bus)
     return 0
 
 
