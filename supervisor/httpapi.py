@@ -3,7 +3,9 @@
 Supervisor layer (layer 4). Off by default; ``enjent run ... --api
 HOST:PORT`` makes the supervisor fork a process of its own for it (never on
 the public WebSocket port, and it keeps answering while workers restart),
-with an :class:`~enjent.AsyncPublisher` on the servers' bus. Every request
+with an :class:`~enjent.AsyncPublisher` on the servers' bus, at a lower CPU
+priority than the workers (``nice`` +5: a flood of requests, good or bad,
+yields to the clients). Every request
 needs ``Authorization: Bearer <key>`` (``ENJENT_API_KEY`` or
 ``--api-key-file``), compared in constant time.
 
@@ -24,6 +26,10 @@ Answers are JSON: 200 ``{"ok": true}``; 401 without or with a wrong key;
 400 for bad JSON or a bad field (named in ``error``); 404 for an unknown
 path; 405 for a wrong method; 411 without ``Content-Length``; 413 past the
 message size limit; 503 when the bus cannot be reached. HTTP/1.1 keep-alive.
+A refused request (no or a wrong key, a head that is not HTTP) is answered
+after :data:`REFUSAL_DELAY` (0.1 s), and at most :data:`MAX_CONNECTIONS`
+(512) connections are held: a brute force or a flood gets a few thousand
+answers a second at most, and the clients' workers keep their CPU.
 """
 
 from __future__ import annotations
@@ -56,6 +62,13 @@ MIN_KEY_LENGTH = 16
 #: The most rows ``GET /api/presence`` may ask for.
 MAX_PRESENCE_ROWS = 10_000
 _HEAD_LIMIT = 16 * 1024
+#: How much nicer (lower CPU priority) the API's process is than the workers.
+API_NICENESS = 5
+#: Seconds a refused request (no or a wrong key, a malformed head) waits for its
+#: answer: a brute force or a flood from N connections gets N / 0.1 answers a second.
+REFUSAL_DELAY = 0.1
+#: The most connections the API holds at once; more are closed at once, unanswered.
+MAX_CONNECTIONS = 512
 _IDLE_TIMEOUT = 30.0
 _BODY_TIMEOUT = 10.0
 
@@ -137,11 +150,16 @@ class PublishApi:
         self._expected = b"Bearer " + settings.key
         self._refusals = RepeatedLog(logger, logging.INFO)
         self.counts: dict[int, int] = {}
+        self.connections = 0
         #: the body limit: a message of max_message_size in base64, with the JSON around it
         self.body_limit = (settings.max_message_size * 4) // 3 + 64 * 1024
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: requests one after the other while it is kept alive."""
+        if self.connections >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        self.connections += 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _IDLE_TIMEOUT)
@@ -159,6 +177,7 @@ class PublishApi:
         ):
             pass
         finally:
+            self.connections -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -167,6 +186,7 @@ class PublishApi:
         try:
             parsed = parse_request(head, max_request_size=_HEAD_LIMIT, any_method=True)
         except WebSocketNegotiationError as exc:
+            await asyncio.sleep(REFUSAL_DELAY)
             return False, _answer(int(exc.status), {"error": str(exc)}, keep_alive=False)
         if parsed is None:  # pragma: no cover - readuntil returned a whole head
             return False, _answer(400, {"error": "incomplete request"}, keep_alive=False)
@@ -180,6 +200,8 @@ class PublishApi:
             extra: tuple[tuple[str, str], ...] = ()
         except _Refusal as refusal:
             status, payload, extra = refusal.status, {"error": str(refusal)}, refusal.headers
+            if status == 401:
+                await asyncio.sleep(REFUSAL_DELAY)  # a brute force or a flood, slowed down
             self._refusals("API %s %s: %d %s", request.method, request.path, status, refusal)
             if status in (411, 413):
                 keep_alive = False  # the body was not read: the stream is not at a request
@@ -358,6 +380,9 @@ def api_main(settings: ApiSettings, bus: IpcBus | NatsConfig) -> int:
 
     # Ctrl-C reaches the whole group: the supervisor stops this process (SIGTERM)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the clients come first: a flood of API requests yields the CPU to the workers
+    with contextlib.suppress(OSError):
+        os.nice(API_NICENESS)
     try:
         run_event_loop(serve_api(settings, bus))
     except OSError as exc:
