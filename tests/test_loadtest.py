@@ -825,3 +825,23 @@ def test_echo_path_fails_when_answers_go_missing(monkeypatch: pytest.MonkeyPatch
         asyncio.run(
             echo_path.run(size=10, per_read=2, connections=2, messages=40, repeat=1, seed=1)
         )
+
+
+@pytest.mark.timeout(120)
+def test_loadtest_publish_delivers_every_message_and_reports_the_engines() -> None:
+    """``python -m loadtest publish``, small: an external publisher to a room of 30 clients
+    on the embedded bus; exit 0 only when every message reached every receiver."""
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest", "publish", "--clients", "30", "--burst", "20",
+         "--paced", "10", "--rate", "50", "--repeat", "1", "--engines", "enjent-zmq"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(600/600)" in done.stderr, done.stderr
+    row = [line for line in done.stdout.splitlines() if line.startswith("| enjent-zmq |")]
+    assert len(row) == 1, done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "loadtest", "publish", "--engines", "nope"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--engines" in bad.stderr
