@@ -273,3 +273,44 @@ def test_hosts_that_boot_before_their_nats_serve_degraded_then_join(tmp_path: ob
     finally:
         for process in [*hosts, *([node] if node else [])]:
             process.stop()
+
+
+def test_a_publisher_on_one_nats_node_reaches_the_clients_of_both_hosts(
+    two_hosts: tuple[list[NatsNode], list[EnjentHost]],
+) -> None:
+    """A Publisher connected to host 2's NATS node only: a broadcast and a room message reach
+    clients on both hosts, a send reaches a client of host 1."""
+    import subprocess
+    import sys
+
+    nodes, hosts = two_hosts
+
+    async def main() -> None:
+        clients = [await _client(host) for host in hosts for _ in range(3)]
+        try:
+            assert await clients[0].request("join:pub-room") == "joined"
+            assert await clients[4].request("join:pub-room") == "joined"
+            await asyncio.sleep(0.5)  # the room's interest reaches the other node
+            script = (
+                "from enjent import Publisher\n"
+                f"with Publisher({nodes[1].url!r}) as pub:\n"
+                "    pub.broadcast('from outside')\n"
+                "    pub.room('pub-room').broadcast('to the room')\n"
+                f"    pub.send({clients[1].id!r}, 'to one')\n"
+            )
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+                timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            for client in clients:
+                assert await client.next() == "from outside"
+            assert await clients[0].next() == "to the room"
+            assert await clients[4].next() == "to the room"
+            assert await clients[1].next() == "to one"
+            await asyncio.sleep(0.3)
+            assert [c.pending() for c in clients] == [[]] * 6
+        finally:
+            await close_all(clients)
+
+    asyncio.run(main())
