@@ -278,8 +278,19 @@ _RELAY = _Relay()
 
 def _self_contained(inflater: Decompressor) -> bool:
     """Whether a message's inflater, fed its payload and the tail, stopped at a
-    clean block boundary (so the payload can go to another inflater as is)."""
-    return not inflater.unused_data and not inflater.decompress(_END) and inflater.eof
+    clean block boundary (so the payload can go to another inflater as is).
+
+    A payload that ends with a complete stored block and no sync tail leaves
+    the tail read as the start of another stored block, whose lengths the end
+    marker then contradicts: zlib raises, and the payload is simply not
+    relayed (its inflated bytes were right all the same).
+    """
+    if inflater.unused_data:
+        return False
+    try:
+        return not inflater.decompress(_END) and inflater.eof
+    except zlib.error:
+        return False
 
 
 class _SharedCompressors:

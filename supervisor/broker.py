@@ -74,7 +74,7 @@ def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int)
                 body = bus.encode(
                     bus.Kind.DEAD, bus.BROKER_ORIGIN, generation, seq, shard, pid, planned
                 )
-                announcer.send_multipart((bus.TOPIC_CONTROL, body))
+                announcer.send_multipart((bus.TOPIC_HEARTBEAT, body))
     announcer.close()
     xsub.close()
     xpub.close()

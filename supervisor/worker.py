@@ -124,6 +124,7 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
     beat(spec.ready_fd, b"R")
     logger.info("worker %d (pid %d) serving on %s:%d", shard, os.getpid(), spec.host, spec.port)
     draining: asyncio.Task[None] | None = None
+    bus_silent = False
     while not stop.is_set():
         if drain.is_set() and draining is None:
             # a reload replaced this worker: no new connections, and the clients
@@ -138,8 +139,17 @@ async def _serve(server: WebSocketServer, spec: WorkerSpec) -> int:
             if waiter is not draining:
                 waiter.cancel()
         # from the event loop: a hung loop stops beating, and the supervisor
-        # replaces the worker after its worker_timeout
-        beat(spec.ready_fd, b"H")
+        # replaces the worker after its worker_timeout; so does a worker whose
+        # bus heartbeat stopped (the other workers would count it late forever)
+        if cluster.heartbeat_alive():
+            beat(spec.ready_fd, b"H")
+        elif not bus_silent:
+            bus_silent = True
+            logger.error(
+                "worker %d: its bus heartbeat stopped: no more beats to the supervisor, "
+                "which replaces this worker",
+                shard,
+            )
         if draining is not None and draining.done():
             break
         if os.getppid() != spec.parent_pid:

@@ -11,14 +11,15 @@ Text commands (anything else is echoed):
 - ``get:<id>``: reply ``True`` or ``False``: ``server.get_client(id) is not None``
 - ``local``: reply the number of this worker's clients (``server.local_clients``)
 - ``presence`` / ``presence:<room>``: ``await server.fetch_clients(room=...)``,
-  reply ``<total> <rows> <workers answered> <workers missing>`` (comma lists)
+  reply ``<total> <rows> <workers answered> <workers missing>`` (comma lists),
+  or ``refused`` over the worker's presence rate limit
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from enjent import WebSocketClient, WebSocketServer
+from enjent import BusError, WebSocketClient, WebSocketServer
 
 
 def build_server() -> WebSocketServer:
@@ -61,7 +62,11 @@ def build_server() -> WebSocketServer:
 
     def _reply_presence(client: WebSocketClient, room: str | None) -> None:
         async def ask() -> None:
-            presence = await app.fetch_clients(room=room, limit=100_000, timeout=1.0)
+            try:
+                presence = await app.fetch_clients(room=room, limit=100_000, timeout=1.0)
+            except BusError:  # over the presence rate limit: said, not raised
+                client.send("refused")
+                return
             workers = ",".join(map(str, presence.workers))
             missing = ",".join(map(str, presence.missing_workers)) or "-"
             client.send(f"{presence.total} {len(presence)} {workers} {missing}")

@@ -274,7 +274,9 @@ def test_sequence_jump_is_counted_as_gap() -> None:
 
 
 def control(kind: Kind, seq: int, *fields: Any, origin: int = 1, gen: str = "p1") -> list[bytes]:
-    return [bus.TOPIC_CONTROL, bus.encode(kind, origin, gen, seq, *fields)]
+    """An envelope on its own topic: liveness on ``H``, presence queries on ``C``."""
+    topic = bus.TOPIC_CONTROL if kind is Kind.PRESENCE_REQ else bus.TOPIC_HEARTBEAT
+    return [topic, bus.encode(kind, origin, gen, seq, *fields)]
 
 
 def test_sequence_is_per_topic() -> None:
@@ -346,10 +348,10 @@ def test_a_dead_worker_is_announced_by_the_supervisor_not_guessed() -> None:
     feed(cluster, sub, control(Kind.HEARTBEAT, 2, 777, 40, {}))
     assert not cluster.peers[1].late
     # a DEAD for another pid (an older process of that shard) changes nothing
-    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 1, 1, 555, False)])
+    feed(cluster, sub, [bus.TOPIC_HEARTBEAT, bus.encode(Kind.DEAD, -1, "b", 1, 1, 555, False)])
     assert cluster.client_count() == 40
     # the broker relays the supervisor's word: worker 1 (pid 777) died
-    feed(cluster, sub, [bus.TOPIC_CONTROL, bus.encode(Kind.DEAD, -1, "b", 2, 1, 777, False)])
+    feed(cluster, sub, [bus.TOPIC_HEARTBEAT, bus.encode(Kind.DEAD, -1, "b", 2, 1, 777, False)])
     assert 1 not in cluster.peers and cluster.client_count() == 0
     assert cluster.counters["malformed"] == 0
 
@@ -370,13 +372,46 @@ def test_an_engine_without_a_supervisor_forgets_a_silent_peer() -> None:
     assert cluster.counters["gaps"] == 7 and cluster.client_count() == 40
 
 
-def test_a_new_generation_of_a_shard_replaces_the_old_one() -> None:
+def test_a_new_generation_of_a_shard_replaces_the_old_one_once_it_is_silent() -> None:
     cluster, sub, _ = make_client()
     feed(cluster, sub, control(Kind.HEARTBEAT, 1, 5, 30, {}, gen="old"))
     assert cluster.client_count() == 30
+    # while the old process beats, another generation is not believed (a forgery would
+    # make its clients unaddressable): counted, nothing changes
     feed(cluster, sub, control(Kind.HELLO, 1, gen="new"))
+    assert cluster.peers[1].generation == "old" and cluster.client_count() == 30
+    assert cluster.counters["malformed"] == 1
+    # silent for two heartbeat intervals: a restart, the new process replaces it
+    cluster.peers[1].last_heartbeat -= 2 * cluster.heartbeat_interval + 0.1
+    feed(cluster, sub, control(Kind.HELLO, 2, gen="new"))
     assert cluster.client_count() == 0
     assert cluster.peers[1].generation == "new"
+
+
+def test_liveness_is_believed_only_on_its_topic_and_from_its_senders() -> None:
+    cluster, sub, _ = make_client()
+    feed(
+        cluster,
+        sub,
+        [bus.TOPIC_ALL, bus.encode(Kind.HEARTBEAT, 1, "p1", 1, 5, 30, {})],  # wrong topic
+        [bus.TOPIC_HEARTBEAT, bus.encode(Kind.HEARTBEAT, -7, "pub", 1, 5, 30, {})],  # publisher
+        [bus.TOPIC_HEARTBEAT, bus.encode(Kind.HEARTBEAT, 0, "other", 1, 5, 30, {})],  # our shard
+        [bus.TOPIC_HEARTBEAT, bus.encode(Kind.DEAD, 3, "w3", 1, 1, 5, False)],  # not the broker
+        [bus.TOPIC_HEARTBEAT, bus.encode(Kind.HEARTBEAT, 2, "p2", 1, 5, 2**63, {})],  # 2**63
+    )
+    assert cluster.peers == {} and cluster.client_count() == 0
+    assert cluster.counters["malformed"] == 5
+    # a sequence number far ahead is a reset, not a gap of 2**52
+    feed(cluster, sub, control(Kind.HEARTBEAT, 1, 5, 3, {}))
+    feed(cluster, sub, control(Kind.HEARTBEAT, 2**52, 5, 3, {}))
+    assert cluster.counters["gaps"] == 0 and cluster.counters["malformed"] == 6
+    # and one past the range is refused at decoding
+    with pytest.raises(BusError):
+        bus.decode(bus.encode(Kind.HELLO, 1, "p1", 2**64 - 1))
+    # an engine with no supervisor's broker (NATS) believes no DEAD at all
+    cluster.trusts_dead = False
+    feed(cluster, sub, [bus.TOPIC_HEARTBEAT, bus.encode(Kind.DEAD, -1, "b", 1, 1, 5, False)])
+    assert 1 in cluster.peers
 
 
 def test_send_routes_by_the_id_alone() -> None:

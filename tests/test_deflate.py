@@ -14,6 +14,7 @@ import functools
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -1277,3 +1278,88 @@ async def test_an_incompressible_message_of_exactly_the_limit_passes_compressed(
             await ws.send(data + b"x")
             await asyncio.wait_for(ws.wait_closed(), 5)
             assert ws.close_code == CloseCode.MESSAGE_TOO_BIG
+
+
+def _stored_block(data: bytes, final: bool) -> bytes:
+    """One stored (uncompressed) deflate block, byte-aligned (RFC 1951 §3.2.4)."""
+    return (
+        bytes([1 if final else 0])
+        + len(data).to_bytes(2, "little")
+        + ((0xFFFF ^ len(data)).to_bytes(2, "little"))
+        + data
+    )
+
+
+def _crafted_streams(rng: random.Random, count: int) -> Iterator[bytes]:
+    """Payloads a client may send: zlib's with every flush, and stored blocks by hand."""
+    flushes = (zlib.Z_SYNC_FLUSH, zlib.Z_FULL_FLUSH, zlib.Z_FINISH, zlib.Z_PARTIAL_FLUSH)
+    for index in range(count):
+        size = rng.choice((0, 1, 10, 200, 4000, 32 * 1024 - 5, 32 * 1024, 40_000))
+        data = rng.randbytes(size) if index % 2 else bytes(rng.choice(b"ab") for _ in range(size))
+        kind = index % 4
+        if kind == 0:  # a stored block, final or not, with or without a tail
+            payload = _stored_block(data[:65535], final=rng.random() < 0.5)
+            if rng.random() < 0.5:
+                payload += b"\x00\x00\xff\xff"
+        else:
+            compressor = zlib.compressobj(
+                rng.choice((1, 6, 9)), zlib.DEFLATED, -rng.choice((9, 12, 15)),
+                rng.choice((1, 5, 8)), rng.choice((zlib.Z_DEFAULT_STRATEGY, zlib.Z_FIXED,
+                                                   zlib.Z_HUFFMAN_ONLY)),
+            )  # fmt: skip
+            payload = compressor.compress(data) + compressor.flush(rng.choice(flushes))
+        if payload.endswith(b"\x00\x00\xff\xff") and rng.random() < 0.8:
+            payload = payload[:-4]  # RFC 7692 §7.2.1: the sender removes the tail
+        yield payload
+
+
+def _reference_inflate(payload: bytes) -> bytes | None:
+    """What a plain inflater makes of payload + tail (None where zlib refuses the stream)."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        return inflater.decompress(payload + b"\x00\x00\xff\xff")
+    except zlib.error:
+        return None
+
+
+def test_crafted_streams_decode_as_zlib_does_and_relay_only_self_contained_ones() -> None:
+    """A differential check over crafted payloads: each decodes to what a plain inflater
+    makes of it (a stored block of 32 KiB or less with no tail included: it was refused
+    with 1007), and a payload kept for relaying inflates, alone in a fresh inflater, to
+    the same bytes."""
+    import enjent.deflate as deflate_module
+
+    rng = random.Random(20261207)
+    negotiated = negotiate(["permessage-deflate"], DEFAULT)
+    assert negotiated is not None and negotiated.no_context_takeover
+    # stateless both ways: the shared decoder, the one that relays
+    extension = PerMessageDeflate(negotiated, DEFAULT, max_message_size=MiB, shared=True)
+    checked = relayable = 0
+    for payload in _crafted_streams(rng, 2000):
+        expected = _reference_inflate(payload)
+        if expected is None or len(expected) > MiB:
+            continue
+        out = extension.decode(payload, fin=True, compressed=True)
+        assert out == expected, payload[:16]
+        relay = deflate_module._RELAY
+        if relay.inflated is out and relay.pending is not None:
+            relayable += 1
+            assert _reference_inflate(relay.pending) == out
+            second = zlib.decompressobj(-15)  # a client reading two relayed messages
+            assert second.decompress(relay.pending + b"\x00\x00\xff\xff") == out
+            assert second.decompress(relay.pending + b"\x00\x00\xff\xff") == out
+        checked += 1
+    assert checked > 1500 and relayable > 100, (checked, relayable)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 32 * 1024])
+def test_a_lone_non_final_stored_block_without_a_tail_is_accepted(size: int) -> None:
+    data = os.urandom(size)
+    payload = _stored_block(data, final=False)  # no 00 00 ff ff after it
+    negotiated = negotiate(["permessage-deflate"], DEFAULT)
+    assert negotiated is not None
+    for extension in (
+        extension_for(),
+        PerMessageDeflate(negotiated, DEFAULT, max_message_size=MiB, shared=True),
+    ):
+        assert extension.decode(payload, fin=True, compressed=True) == data

@@ -9,7 +9,9 @@ Topics (short byte prefixes, so ZeroMQ filters upstream):
 
 =====================  ==================================================
 ``A``                  all workers: global broadcasts
-``C``                  all workers: control (heartbeats, presence queries)
+``C``                  all workers: presence queries (publishers may ask too)
+``H``                  all workers: liveness (heartbeats, ``HELLO``, ``DEAD``),
+                       published by workers and the broker only
 ``S<shard>.``          one worker: sends to one of its clients, answers
 ``R<digest>``          the workers with members in a room
 =====================  ==================================================
@@ -67,6 +69,7 @@ __all__ = [
     "PART_BYTES",
     "TOPIC_ALL",
     "TOPIC_CONTROL",
+    "TOPIC_HEARTBEAT",
     "Kind",
     "decode",
     "encode",
@@ -81,6 +84,15 @@ PART_BYTES = 1024 * 1024
 
 TOPIC_ALL = b"A"
 TOPIC_CONTROL = b"C"
+TOPIC_HEARTBEAT = b"H"
+
+#: The largest sequence number accepted (a counter that never reaches it honestly).
+MAX_SEQ = (1 << 53) - 1
+#: Origins are shards (>= 0), the broker (-1) or publishers (below -1), within this range.
+MIN_ORIGIN = -(1 << 31)
+MAX_ORIGIN = (1 << 31) - 1
+#: The longest generation string accepted.
+MAX_GENERATION = 32
 
 #: Shard of messages the broker publishes on the supervisor's behalf.
 BROKER_ORIGIN = -1
@@ -160,6 +172,10 @@ def decode(body: bytes) -> tuple[Kind, int, str, int, list[Any]]:
         raise BusError(f"unknown envelope kind {kind_value!r}") from None
     if not isinstance(origin, int) or not isinstance(generation, str) or not isinstance(seq, int):
         raise BusError("malformed envelope header")
+    if not MIN_ORIGIN <= origin <= MAX_ORIGIN:
+        raise BusError("envelope origin out of range")
+    if not 0 <= seq <= MAX_SEQ or not 0 < len(generation) <= MAX_GENERATION:
+        raise BusError("envelope sequence number or generation out of range")
     fields = value[4:]
     if len(fields) != _FIELD_COUNTS[kind]:
         raise BusError(f"{kind.name} envelope has {len(fields)} fields")

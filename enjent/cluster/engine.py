@@ -71,7 +71,33 @@ COUNTER_NAMES = (
     "undeliverable",
     "late_peers",
     "presence_failures",
+    "presence_refused",
 )
+#: A sequence number further ahead than this is a reset (or a forgery), not a gap.
+MAX_GAP = 1_000_000
+#: The most other workers one worker keeps a record of.
+MAX_PEERS = 4096
+#: The most senders whose sequence numbers are kept per topic.
+MAX_SENDERS_PER_TOPIC = 16_384
+#: The most clients a heartbeat may claim (more is a forgery or a bug: refused).
+MAX_CLIENTS_PER_WORKER = 10_000_000
+#: Presence queries this worker asks per second, and answers per second (a burst as large).
+PRESENCE_QUERIES_PER_SECOND = 20.0
+PRESENCE_ANSWERS_PER_SECOND = 50.0
+#: Rows of a presence answer computed per turn of the event loop.
+PRESENCE_ROWS_PER_TURN = 1000
+#: Which kinds may arrive on which topic (by the topic's first byte), and from whom.
+_KIND_TOPICS = {
+    Kind.BROADCAST: b"A",
+    Kind.ROOM: b"R",
+    Kind.SEND: b"S",
+    Kind.CLOSE: b"S",
+    Kind.PRESENCE: b"S",
+    Kind.PRESENCE_REQ: b"C",
+    Kind.HEARTBEAT: b"H",
+    Kind.HELLO: b"H",
+    Kind.DEAD: b"H",
+}
 
 
 class RemoteClient:
@@ -163,9 +189,18 @@ class BusEngine:
         self._own_heartbeat_at = time.monotonic()
         #: heartbeat intervals since the start (a clock that costs nothing to read)
         self._ticks = 0
+        self._ticked_at = time.monotonic()
         #: (origin, generation) of each publisher heard -> the tick it was last heard
         self._publishers_seen: dict[tuple[int, str], int] = {}
         self._gap_log = RepeatedLog(logger, logging.WARNING)
+        self._task_errors = RepeatedLog(logger, logging.ERROR)
+        self._refusals = RepeatedLog(logger, logging.WARNING)
+        #: whether a DEAD envelope is believed: only where a supervisor of this host's
+        #: broker publishes them (ZeroMQ); NATS carries none, so one there is forged
+        self.trusts_dead = True
+        self._query_tokens = PRESENCE_QUERIES_PER_SECOND
+        self._answer_tokens = PRESENCE_ANSWERS_PER_SECOND
+        self._tokens_refilled_at = time.monotonic()
 
     # ------------------------------------------------------ the transport
 
@@ -202,7 +237,7 @@ class BusEngine:
     @property
     def topics(self) -> tuple[bytes, ...]:
         """The topics every worker listens to from the start."""
-        return (bus.TOPIC_ALL, bus.TOPIC_CONTROL, bus.shard_topic(self.shard))
+        return (bus.TOPIC_ALL, bus.TOPIC_CONTROL, bus.TOPIC_HEARTBEAT, bus.shard_topic(self.shard))
 
     # ------------------------------------------------------------ publish
 
@@ -296,7 +331,7 @@ class BusEngine:
         self._beat_at = time.monotonic()
         self.counters["heartbeats"] += 1
         self._publish(
-            bus.TOPIC_CONTROL,
+            bus.TOPIC_HEARTBEAT,
             Kind.HEARTBEAT,
             os.getpid(),
             self.hub.count,
@@ -323,6 +358,14 @@ class BusEngine:
 
     async def fetch_clients(self, room: str | None, limit: int, timeout: float) -> Presence:
         """Ask every known worker; return what answered within ``timeout``."""
+        self._refill_presence_tokens()
+        if self._query_tokens < 1.0:  # refused before any row is made: a flood costs little
+            self.counters["presence_refused"] += 1
+            raise BusError(
+                f"over {PRESENCE_QUERIES_PER_SECOND:g} presence queries a second on this worker: "
+                "ask less often (cache the answer)"
+            )
+        self._query_tokens -= 1.0
         presence = Presence(workers=[self.shard])
         rows, total = local_rows(self.hub, room, limit)
         presence.add(self.shard, rows, total, limit)
@@ -353,32 +396,68 @@ class BusEngine:
         presence.missing_workers = sorted(query.waiting)
         return presence
 
+    def _refill_presence_tokens(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._tokens_refilled_at
+        self._tokens_refilled_at = now
+        self._query_tokens = min(
+            PRESENCE_QUERIES_PER_SECOND, self._query_tokens + elapsed * PRESENCE_QUERIES_PER_SECOND
+        )
+        self._answer_tokens = min(
+            PRESENCE_ANSWERS_PER_SECOND, self._answer_tokens + elapsed * PRESENCE_ANSWERS_PER_SECOND
+        )
+
     def _answer_presence(self, fields: list[Any]) -> None:
         query_id, reply_shard, generation, room, limit = fields
         query_id, reply_shard, limit = int(query_id), int(reply_shard), int(limit)
         if room is not None and not isinstance(room, str):
             raise BusError("PRESENCE_REQ envelope: room must be a str or nil")
-        rows, total = local_rows(self.hub, room, max(0, min(limit, MAX_PRESENCE_LIMIT)))
-        topic = bus.shard_topic(reply_shard)
+        if not isinstance(generation, str) or not bus.MIN_ORIGIN <= reply_shard <= bus.MAX_ORIGIN:
+            raise BusError("PRESENCE_REQ envelope: bad reply address")
+        self._refill_presence_tokens()
+        if self._answer_tokens < 1.0:
+            # the asker sees this worker as missing (a partial answer), and the
+            # clients of this worker keep their share of the loop
+            self.counters["presence_refused"] += 1
+            self._refusals("presence queries over %g/s: not answered", PRESENCE_ANSWERS_PER_SECOND)
+            return
+        self._answer_tokens -= 1.0
+        limit = max(0, min(limit, MAX_PRESENCE_LIMIT))
+        total = len(self.hub.members(room)) if room is not None else self.hub.count
+        if room is None:
+            source: Any = iter(list(self.hub.clients.values())[:limit])
+        else:
+            source = iter(list(self.hub.members(room))[:limit])
+        self._stream_presence(bus.shard_topic(reply_shard), query_id, generation, total, source)
 
-        def part(chunk: list[list[Any]], last: bool) -> bool:
-            sent = self._publish(
-                topic, Kind.PRESENCE, query_id, generation, chunk, total if last else 0, last
-            )
-            if not sent:  # the asker sees this worker as missing: partial, never wrong
-                self.counters["presence_failures"] += 1
-            return sent
-
+    def _stream_presence(
+        self, topic: bytes, query_id: int, generation: str, total: int, source: Any
+    ) -> None:
+        """Publish the rows in parts, :data:`PRESENCE_ROWS_PER_TURN` per turn of the loop."""
         chunk: list[list[Any]] = []
         size = 0
-        for row in rows:
+        for _ in range(PRESENCE_ROWS_PER_TURN):
+            client = next(source, None)
+            if client is None:
+                break
+            row = [client.id, client.request.path, client.connected_at]
             chunk.append(row)
             size += len(row[0]) + len(row[1]) + 16
             if size >= bus.PART_BYTES:
-                if not part(chunk, False):
-                    return
-                chunk, size = [], 0
-        part(chunk, True)
+                break
+        else:
+            client = True  # rows may remain
+        last = client is None
+        sent = self._publish(
+            topic, Kind.PRESENCE, query_id, generation, chunk, total if last else 0, last
+        )
+        if not sent:  # the asker sees this worker as missing: partial, never wrong
+            self.counters["presence_failures"] += 1
+            return
+        if not last:
+            asyncio.get_running_loop().call_soon(
+                self._stream_presence, topic, query_id, generation, total, source
+            )
 
     def _on_presence(self, origin: int, fields: list[Any]) -> None:
         query_id, reply_generation, rows, total, last = fields
@@ -479,7 +558,13 @@ class BusEngine:
             per_topic = self._last_seq[topic] = {}
         key = (origin, generation)
         last = per_topic.get(key)
-        if last is not None and seq > last + 1:
+        if last is None and len(per_topic) >= MAX_SENDERS_PER_TOPIC:
+            per_topic.clear()  # bounded whatever the bus says: gap counting starts afresh
+        if last is not None and seq > last + 1 + MAX_GAP:
+            # not a loss that size: a forged or corrupted number; start from it
+            self.counters["malformed"] += 1
+            self._refusals("bus sequence jump of %d from %d: taken as a reset", seq - last, origin)
+        elif last is not None and seq > last + 1:
             self.counters["gaps"] += seq - last - 1
             self._gap_log(
                 "bus gap: %d message(s) from %s %d lost on topic %r",
@@ -490,15 +575,34 @@ class BusEngine:
             )
         per_topic[key] = seq
         if origin < BROKER_ORIGIN:  # a publisher: forgotten a while after its last message
-            self._publishers_seen[key] = self._ticks
+            seen = self._publishers_seen
+            if key not in seen and len(seen) >= MAX_SENDERS_PER_TOPIC:
+                self._forget_publishers(everyone=True)
+            seen[key] = self._ticks
 
     def _handle(self, topic: bytes, body: bytes) -> None:
-        """Handle one envelope; a field of the wrong type raises :class:`BusError`."""
+        """Handle one envelope; a field of the wrong type raises :class:`BusError`.
+
+        Each kind is believed only on its own topic and from its kind of
+        sender: liveness (``HEARTBEAT``, ``HELLO``) from workers on ``H``
+        (which NATS permissions keep publishers off), ``DEAD`` from the
+        broker (never on NATS), data and queries from anyone on the bus.
+        """
         kind, origin, generation, seq, fields = bus.decode(body)
         if origin == self.shard and generation == self.generation:
             if kind is Kind.HEARTBEAT:  # our own heartbeat went round: the bus works
                 self._own_heartbeat_at = time.monotonic()
             return
+        if topic[:1] != _KIND_TOPICS[kind]:
+            raise BusError(f"{kind.name} envelope on the wrong topic")
+        if kind is Kind.DEAD:
+            if origin != bus.BROKER_ORIGIN or not self.trusts_dead:
+                raise BusError("DEAD envelope from someone other than this host's supervisor")
+        elif kind is Kind.HEARTBEAT or kind is Kind.HELLO:
+            if origin < 0:
+                raise BusError(f"{kind.name} envelope from a non-worker")
+            if origin == self.shard:  # this shard is this process, whatever it says
+                raise BusError(f"{kind.name} envelope of this worker's shard, another process")
         self._track_seq(topic, origin, generation, seq)
         try:
             self._dispatch(kind, origin, generation, fields)
@@ -555,14 +659,32 @@ class BusEngine:
         elif kind is Kind.PRESENCE:
             self._on_presence(origin, fields)
 
-    def _peer(self, shard: int, generation: str) -> Peer:
+    def _peer(self, shard: int, generation: str) -> Peer | None:
+        """The record of ``shard`` in ``generation``; ``None`` when it is not believed.
+
+        A new generation replaces a shard's record only when the current one
+        has been silent for two heartbeat intervals (its process is gone: a
+        restart takes longer than that to be heard), so a forged heartbeat
+        cannot make a live worker's clients unaddressable.
+        """
         peer = self.peers.get(shard)
-        if peer is None or peer.generation != generation:
+        now = time.monotonic()
+        if peer is not None and peer.generation != generation:
+            if now - peer.last_heartbeat < 2 * self.heartbeat_interval:
+                self.counters["malformed"] += 1
+                self._refusals(
+                    "worker %d heard as another process while it beats: not believed", shard
+                )
+                return None
             # a new process for that shard: its predecessor's count is gone,
             # and so is the sequence state kept for it
-            if peer is not None:
-                self._forget_sequences(shard, peer.generation)
-            peer = self.peers[shard] = Peer(generation, last_heartbeat=time.monotonic())
+            self._forget_sequences(shard, peer.generation)
+            peer = None
+        if peer is None:
+            if len(self.peers) >= MAX_PEERS:
+                self.counters["malformed"] += 1
+                return None
+            peer = self.peers[shard] = Peer(generation, last_heartbeat=now)
         return peer
 
     def _on_dead(self, shard: int, pid: int, planned: bool) -> None:
@@ -586,10 +708,14 @@ class BusEngine:
     def _on_heartbeat(self, origin: int, generation: str, fields: list[Any]) -> None:
         pid, clients, stats = fields
         pid, clients = int(pid), int(clients)  # a malformed one must not touch the peer
+        if not 0 < pid < 1 << 31 or not 0 <= clients <= MAX_CLIENTS_PER_WORKER:
+            raise BusError("HEARTBEAT envelope: pid or client count out of range")
         peer = self._peer(origin, generation)
+        if peer is None:
+            return
         peer.pid = pid
         peer.clients = clients
-        peer.stats = stats if isinstance(stats, dict) else {}
+        peer.stats = _stats(stats)
         peer.last_heartbeat = time.monotonic()
         if peer.late:
             peer.late = False
@@ -620,9 +746,9 @@ class BusEngine:
                     silent,
                 )
 
-    def _forget_publishers(self) -> None:
+    def _forget_publishers(self, *, everyone: bool = False) -> None:
         """Drop the sequence state of publishers silent for :data:`PUBLISHER_MEMORY` ticks."""
-        horizon = self._ticks - PUBLISHER_MEMORY
+        horizon = self._ticks + 1 if everyone else self._ticks - PUBLISHER_MEMORY
         gone = [key for key, tick in self._publishers_seen.items() if tick < horizon]
         for key in gone:
             del self._publishers_seen[key]
@@ -630,14 +756,43 @@ class BusEngine:
                 per_topic.pop(key, None)
 
     async def _heartbeat_forever(self) -> None:
-        self._publish(bus.TOPIC_CONTROL, Kind.HELLO)
+        self._publish(bus.TOPIC_HEARTBEAT, Kind.HELLO)
         while True:
             self._ticks += 1
-            self._beat()
-            self._check_peers()
-            if self._publishers_seen:
-                self._forget_publishers()
+            self._ticked_at = time.monotonic()
+            try:
+                self._beat()
+                self._check_peers()
+                if self._publishers_seen:
+                    self._forget_publishers()
+            except Exception:  # never the end of the heartbeat: logged, and on to the next
+                self._task_errors("error in the bus heartbeat (it goes on)", exc_info=True)
             await asyncio.sleep(self.heartbeat_interval)
+
+    def heartbeat_alive(self) -> bool:
+        """Whether this worker's bus heartbeat runs (the worker tells its supervisor so)."""
+        task = self._heartbeat_task
+        if task is None or task.done():
+            return False
+        return time.monotonic() - self._ticked_at < 3 * self.heartbeat_interval + 1.0
+
+
+def _stats(value: Any) -> dict[str, Any]:
+    """A peer's figures from its heartbeat, bounded: at most 8 groups of 64 numbers."""
+    if not isinstance(value, dict) or len(value) > 8:
+        return {}
+    kept: dict[str, Any] = {}
+    for group, numbers in value.items():
+        if isinstance(group, str) and isinstance(numbers, dict) and len(numbers) <= 64:
+            kept[group] = {
+                name: number
+                for name, number in numbers.items()
+                if isinstance(name, str)
+                and isinstance(number, int | float)
+                and not isinstance(number, bool)
+                and 0 <= number < 1 << 62
+            }
+    return kept
 
 
 def _check_frame(value: Any) -> None:

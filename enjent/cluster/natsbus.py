@@ -12,8 +12,11 @@ Subjects (``<prefix>`` is ``enjent`` unless configured):
 
 ======================  ==================================================
 ``<prefix>.all``        global broadcasts
-``<prefix>.ctl``        heartbeats, presence queries
+``<prefix>.ctl``        presence queries (workers and publishers)
+``<prefix>.hb``         heartbeats and ``HELLO``: workers only (NATS
+                        permissions keep publishers off it; see the README)
 ``<prefix>.w.<shard>``  one worker: sends to its clients, answers
+``<prefix>.p.<n>``      one publisher (origin ``-n``): answers to its queries
 ``<prefix>.r.<hex>``    one room: the hex of its 16-byte digest; a worker
                         subscribes only while it has members, so NATS
                         forwards a room's traffic only to hosts with members
@@ -173,14 +176,19 @@ def parse_bus(
 def subject_of(prefix: str, topic: bytes) -> str:
     """The NATS subject of a bus topic (the table in the module docstring).
 
-    A publisher's own topic (its origin is negative) is ``<prefix>.w.-N``.
+    A publisher's own topic (its origin is negative: ``-N``) is ``<prefix>.p.N``.
     """
     if topic == bus.TOPIC_ALL:
         return f"{prefix}.all"
     if topic == bus.TOPIC_CONTROL:
         return f"{prefix}.ctl"
+    if topic == bus.TOPIC_HEARTBEAT:
+        return f"{prefix}.hb"
     if topic[:1] == b"S":
-        return f"{prefix}.w.{int(topic[1:-1])}"
+        shard = int(topic[1:-1])
+        # a publisher's own subject (its answers) is apart from the workers', so that
+        # NATS permissions can let publishers read theirs and not the workers'
+        return f"{prefix}.w.{shard}" if shard >= 0 else f"{prefix}.p.{-shard}"
     if topic[:1] == b"R":
         return f"{prefix}.r.{topic[1:].hex()}"
     raise BusError(f"no subject for topic {topic!r}")
@@ -228,6 +236,7 @@ class NatsEngine(BusEngine):
         )
         self.config = config
         self.max_pending = max_pending
+        self.trusts_dead = False  # no broker on NATS: a DEAD envelope there is forged
         for name in ("slow_consumers", "disconnects", "reconnects", "connect_failures"):
             self.counters[name] = 0
         #: the topics this worker listens to, subscribed again on (re)connection

@@ -364,7 +364,7 @@ class AsyncPublisher:
         async with self._start_lock:
             if self._started:
                 return
-            topics = (bus.TOPIC_CONTROL, bus.shard_topic(self.origin))
+            topics = (bus.TOPIC_HEARTBEAT, bus.shard_topic(self.origin))
             await self._transport.start(topics, self.timeout)
             self._started = True
             self._started_at = time.monotonic()

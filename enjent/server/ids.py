@@ -1,18 +1,26 @@
 """Client ids: the one place that makes, parses and resets them.
 
 Server layer (layer 2 of docs/architecture.md). An id is
-``<shard>-<generation>-<counter in hex>``: the worker that owns the client,
-a random generation drawn per process (a restarted worker never reuses an
-id), and a counter. The cluster routes ``server.send(client_id)`` by the
-shard part alone.
+``<shard>-<generation>-<counter in hex><10 random hex digits>``: the worker
+that owns the client, a random generation drawn per process (a restarted
+worker never reuses an id), a counter (unique), and 40 random bits, so that
+the ids of one worker cannot be guessed from each other (an app that lets
+users message each other by id must not let them reach anyone by counting).
+Ids are not secrets all the same: they travel in messages and logs, and an
+app checks who may send to whom. The cluster routes ``server.send(client_id)``
+by the shard part alone.
 """
 
 from __future__ import annotations
 
 import secrets
+from os import urandom as _urandom
 from typing import NamedTuple
 
-__all__ = ["ClientId", "ClientIds"]
+__all__ = ["RANDOM_BYTES", "ClientId", "ClientIds"]
+
+#: Random bytes at the end of every id (as hex digits: twice as many).
+RANDOM_BYTES = 5
 
 
 class ClientId(NamedTuple):
@@ -41,7 +49,7 @@ class ClientIds:
 
     def make(self) -> str:
         self._next += 1
-        return f"{self.shard}-{self.generation}-{self._next:x}"
+        return f"{self.shard}-{self.generation}-{self._next:x}{_urandom(RANDOM_BYTES).hex()}"
 
     @staticmethod
     def parse(client_id: str) -> ClientId | None:

@@ -46,8 +46,8 @@ class RepeatedLog:
         """Calls counted but not logged since the last line."""
         return self._suppressed
 
-    def __call__(self, message: str, *args: Any) -> bool:
-        """Log now, or count; ``True`` if a line was written."""
+    def __call__(self, message: str, *args: Any, exc_info: bool = False) -> bool:
+        """Log now, or count; ``True`` if a line was written (``exc_info``: with the traceback)."""
         now = time.monotonic()
         if now - self._last < self.interval:
             self._suppressed += 1
@@ -57,7 +57,7 @@ class RepeatedLog:
             args = (*args, self._suppressed, now - self._last)
         self._last = now
         self._suppressed = 0
-        self.logger.log(self.level, message, *args)
+        self.logger.log(self.level, message, *args, exc_info=exc_info)
         return True
 
     def flush(self, message: str = "%d more like the last line were not logged") -> None:

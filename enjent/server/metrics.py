@@ -71,6 +71,7 @@ _BUS_COUNTERS: tuple[tuple[str, str], ...] = (
     ("undeliverable", "sends and closes for clients no longer connected to the owner"),
     ("late_peers", "times another worker's heartbeat was late (a mark, not a death)"),
     ("presence_failures", "parts of a presence answer that could not be published"),
+    ("presence_refused", "presence queries refused or not answered over the rate limit"),
     ("slow_consumers", "NATS slow-consumer errors (messages dropped by the NATS client)"),
     ("disconnects", "disconnections from the NATS server"),
     ("reconnects", "reconnections to a NATS server"),

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_PRESENCE_LIMIT", "ClientInfo", "Presence", "check_query", "local_rows"]
 
 #: The most client rows one presence query may ask for.
-MAX_PRESENCE_LIMIT = 1_000_000
+MAX_PRESENCE_LIMIT = 100_000
 
 
 class ClientInfo(NamedTuple):
