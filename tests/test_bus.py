@@ -354,6 +354,9 @@ def test_a_dead_worker_is_announced_by_the_supervisor_not_guessed() -> None:
     feed(cluster, sub, [bus.TOPIC_HEARTBEAT, bus.encode(Kind.DEAD, -1, "b", 2, 1, 777, False)])
     assert 1 not in cluster.peers and cluster.client_count() == 0
     assert cluster.counters["malformed"] == 0
+    # its last heartbeat, overtaken by the DEAD in the broker, does not bring it back
+    feed(cluster, sub, control(Kind.HEARTBEAT, 3, 777, 40, {}))
+    assert 1 not in cluster.peers and cluster.client_count() == 0
 
 
 def test_an_engine_without_a_supervisor_forgets_a_silent_peer() -> None:

@@ -198,6 +198,8 @@ class BusEngine:
         #: whether a DEAD envelope is believed: only where a supervisor of this host's
         #: broker publishes them (ZeroMQ); NATS carries none, so one there is forged
         self.trusts_dead = True
+        #: (shard, generation) of the last processes announced dead (a bounded memory)
+        self._dead: collections.deque[tuple[int, str]] = collections.deque(maxlen=256)
         self._query_tokens = PRESENCE_QUERIES_PER_SECOND
         self._answer_tokens = PRESENCE_ANSWERS_PER_SECOND
         self._tokens_refilled_at = time.monotonic()
@@ -669,6 +671,8 @@ class BusEngine:
         """
         peer = self.peers.get(shard)
         now = time.monotonic()
+        if peer is None and (shard, generation) in self._dead:
+            return None  # a late heartbeat of a process its supervisor saw end
         if peer is not None and peer.generation != generation:
             if now - peer.last_heartbeat < 2 * self.heartbeat_interval:
                 self.counters["malformed"] += 1
@@ -693,6 +697,9 @@ class BusEngine:
         if peer is not None and peer.pid in (pid, 0):
             del self.peers[shard]
             self._forget_sequences(shard, peer.generation)
+            # its last heartbeat may come after this (another sender through the
+            # broker): that process is not taken back as a peer
+            self._dead.append((shard, peer.generation))
             if planned:  # a reload or one worker fewer: it drained its clients first
                 logger.debug("worker %d (pid %d) stopped as planned", shard, pid)
             else:
