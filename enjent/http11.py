@@ -454,8 +454,15 @@ def without_body(response: bytes) -> bytes:
     return response if end < 0 else response[: end + len(_END_OF_HEAD)]
 
 
-def json_response(status: int, payload: Any) -> bytes:
-    """A small JSON response (the health path), closing the connection."""
+def json_response(
+    status: int,
+    payload: Any,
+    *,
+    keep_alive: bool = False,
+    headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """A small JSON response (the health path, the publish API); it closes the
+    connection unless ``keep_alive``."""
     import json
 
     body = json.dumps(payload, separators=(",", ":")).encode()
@@ -465,7 +472,8 @@ def json_response(status: int, payload: Any) -> bytes:
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
-            ("Connection", "close"),
+            ("Connection", "keep-alive" if keep_alive else "close"),
+            *headers,
         ],
         body,
     )

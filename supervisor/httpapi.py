@@ -50,7 +50,7 @@ from urllib.parse import parse_qs, urlsplit
 from enjent.cluster.natsbus import IpcBus, NatsConfig
 from enjent.cluster.publisher import AsyncPublisher, MessageTooBigError
 from enjent.exceptions import BusError, RoomLimitError, WebSocketNegotiationError
-from enjent.http11 import encode_response, parse_request
+from enjent.http11 import json_response, parse_request
 from enjent.server.logs import RepeatedLog
 
 __all__ = ["MIN_KEY_LENGTH", "ApiSettings", "api_main", "parse_api_address", "read_api_key"]
@@ -124,23 +124,6 @@ class _Refusal(Exception):
         self.headers = headers
 
 
-def _answer(
-    status: int, payload: Any, *, keep_alive: bool, headers: tuple[tuple[str, str], ...] = ()
-) -> bytes:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return encode_response(
-        status,
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "keep-alive" if keep_alive else "close"),
-            *headers,
-        ],
-        body,
-    )
-
-
 class PublishApi:
     """The API's requests, answered with one :class:`~enjent.AsyncPublisher`."""
 
@@ -187,9 +170,9 @@ class PublishApi:
             parsed = parse_request(head, max_request_size=_HEAD_LIMIT, any_method=True)
         except WebSocketNegotiationError as exc:
             await asyncio.sleep(REFUSAL_DELAY)
-            return False, _answer(int(exc.status), {"error": str(exc)}, keep_alive=False)
+            return False, json_response(int(exc.status), {"error": str(exc)}, keep_alive=False)
         if parsed is None:  # pragma: no cover - readuntil returned a whole head
-            return False, _answer(400, {"error": "incomplete request"}, keep_alive=False)
+            return False, json_response(400, {"error": "incomplete request"}, keep_alive=False)
         request = parsed[0]
         headers = request.headers
         connection = headers.get("Connection", "").lower()
@@ -206,7 +189,7 @@ class PublishApi:
             if status in (411, 413):
                 keep_alive = False  # the body was not read: the stream is not at a request
         self.counts[status] = self.counts.get(status, 0) + 1
-        return keep_alive, _answer(status, payload, keep_alive=keep_alive, headers=extra)
+        return keep_alive, json_response(status, payload, keep_alive=keep_alive, headers=extra)
 
     async def _body(self, request: Any, reader: asyncio.StreamReader) -> bytes:
         headers = request.headers
