@@ -55,6 +55,14 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     BAD_GATEWAY = 1014
     TLS_HANDSHAKE = 1015  # never on the wire
+    # Enjent's own, in the 3000-3999 range registered for libraries (RFC 6455 §7.4.2),
+    # where the RFC names no case; what a client should do is in the README's table
+    #: The connection's token expired: reconnect with a fresh token.
+    TOKEN_EXPIRED = 3005
+    #: The client read too slowly (its unsent data passed ``write_limit``): back off.
+    SLOW_CONSUMER = 3008
+    #: The client sent over ``max_message_rate``: back off before reconnecting.
+    RATE_LIMITED = 3013
 
 
 #: Codes a peer may send in a close frame (RFC 6455 §7.4, IANA registry);

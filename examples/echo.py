@@ -6,7 +6,8 @@ Autobahn runs and ``loadtest`` drive it. Its limits default to the library's
 safe ones; the conformance runner and ``loadtest`` pass bigger ones.
 
     python examples/echo.py --host 127.0.0.1 --port 9001 [--workers N] [--bus nats://...]
-        [--ssl-certfile cert.pem --ssl-keyfile key.pem]
+        [--ssl-certfile cert.pem --ssl-keyfile key.pem] [--max-message-rate N]
+        [--jwt-secret SECRET]
 """
 
 from __future__ import annotations
@@ -87,6 +88,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the health path also shows each worker's pid, bus and error counters",
     )
     parser.add_argument(
+        "--max-message-rate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="messages per second one client may send, burst N (close 3013 above it; "
+        "default: no limit)",
+    )
+    parser.add_argument(
+        "--jwt-secret",
+        default=None,
+        metavar="SECRET",
+        help="admit only clients with an HS256 token signed with SECRET, in the token query "
+        "parameter or Authorization: Bearer (401 otherwise; close 3005 when it expires)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("ENJENT_LOG_LEVEL", "INFO"),
         choices=["debug", "info", "warning", "error", "DEBUG", "INFO", "WARNING", "ERROR"],
@@ -99,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.ssl_keyfile and not args.ssl_certfile:
         parser.error("--ssl-keyfile needs --ssl-certfile")
+    if args.max_message_rate is not None and args.max_message_rate < 1:
+        parser.error("--max-message-rate must be at least 1")
     return args
 
 
@@ -131,7 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         ping_interval=args.ping_interval or None,
         compression=None if args.compression == "none" else "deflate",
         health_detail=args.health_detail,
+        max_message_rate=args.max_message_rate,
     )
+    if args.jwt_secret:
+        from enjent.server.auth import JWTAuth
+
+        server.on_handshake(
+            JWTAuth(args.jwt_secret, algorithms=["HS256"], sources=("query", "header"))
+        )
     try:
         server.run(args.host, args.port, workers=args.workers, bus=args.bus, ssl=context)
     except ValueError as exc:  # a --bus that is not zeromq or nats:// URLs

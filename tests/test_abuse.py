@@ -603,7 +603,7 @@ async def _clients_at_least(client: ClientConnection, count: int) -> bool:
     return (await stats(client))["clients"] >= count
 
 
-def test_never_reading_clients_are_closed_1008_and_fast_clients_keep_their_latency(
+def test_never_reading_clients_are_closed_3008_and_fast_clients_keep_their_latency(
     start_server: Any,
 ) -> None:
     """5 clients never read while 2000 broadcasts of 16 KiB (32 MiB each) pour in."""
@@ -650,7 +650,7 @@ def test_never_reading_clients_are_closed_1008_and_fast_clients_keep_their_laten
                 fast_p99_ms=round(p99 * 1000, 1),
             )
             assert data["slow_consumers_closed"] == 5
-            assert codes == [1008] * 5
+            assert codes == [3008] * 5
             assert growth < 48 * MIB, growth
             assert p99 < 0.5
 
@@ -819,7 +819,7 @@ def test_long_room_names_on_two_workers_keep_the_tree_small() -> None:
 
 
 def test_write_limit_holds_for_answers_to_the_senders_own_messages(start_server: Any) -> None:
-    """200 sends of 30 KB from the client's own on_message, write_limit 64 KiB: 1008."""
+    """200 sends of 30 KB from the client's own on_message, write_limit 64 KiB: 3008."""
     server = start_server(write_limit=64 * 1024)
 
     async def main() -> None:
@@ -828,7 +828,7 @@ def test_write_limit_holds_for_answers_to_the_senders_own_messages(start_server:
             rss_before = server.rss
             close_code = asyncio.create_task(raw.close_code(10))
             raw.send(masked(1, b"pour-self"))
-            assert await close_code == 1008
+            assert await close_code == 3008
             growth = server.rss - rss_before
             data = await stats(ordinary)
             assert data["slow_consumers_closed"] == 1

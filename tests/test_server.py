@@ -848,7 +848,7 @@ async def test_slow_consumer_is_closed_and_memory_stays_bounded(loop_kind: str) 
     assert refused > rounds / 2
     client, code, _ = events.disconnected[0]
     assert client is events.connected[0]
-    assert code == 1008
+    assert code == 3008
     assert server.stats["slow_consumers_closed"] == 1
     assert latency < 1.0
 
@@ -859,7 +859,7 @@ async def test_one_answer_bigger_than_the_write_limit_is_sent() -> None:
     message over ``write_limit`` (800 KB, under the 1 MiB message limit, against the
     512 KiB write limit: both defaults) goes out (memory per client: about the limit
     plus one message); a second answer in the same read, over the limit, is refused
-    (1008)."""
+    (3008)."""
     server = WebSocketServer()
     echo(server)
     big = os.urandom(800_000)
@@ -878,7 +878,7 @@ async def test_one_answer_bigger_than_the_write_limit_is_sent() -> None:
     async with twice.serve(HOST, 0), ws_connect(twice) as ws:
         await ws.send("twice")
         assert await recv(ws, timeout=5) == big
-        assert await closed_with(ws) == (1008, "slow consumer")
+        assert await closed_with(ws) == (3008, "slow consumer")
     assert sent == [True, False]
 
 

@@ -54,25 +54,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 class WebSocketServer(OptionAttributes):
     """A WebSocket server: register handlers, then ``run`` or ``start`` it.
 
-    Every option is keyword-only, with a safe default; they are documented
-    by group in :mod:`enjent.server.options` (:class:`~.options.Limits`:
-    ``max_message_size`` 1 MiB once decompressed, ``max_connections`` 25,000
-    per worker, ``write_limit`` 512 KiB, ``max_request_size``,
-    ``max_request_line``, ``max_room_name`` 256 bytes,
-    ``max_rooms_per_client`` 100; :class:`~.options.Timeouts`: ``handshake_timeout``,
-    ``ping_interval`` (``None``: no keepalive), ``ping_timeout``,
-    ``close_timeout``, ``sweep_interval``; :class:`~.options.HandshakeOptions`:
-    ``subprotocols``, ``allowed_origins`` (``None`` in the list admits
-    clients without Origin), ``health_path``, ``health_detail``, ``metrics_path``,
-    ``trusted_proxies``, ``client_class`` / ``client_factory``,
-    ``server_header``, ``access_log``) and ``compression`` (``"deflate"``,
-    ``None`` or a :class:`~enjent.deflate.DeflateOptions`). Each is readable
-    as an attribute (``server.close_timeout``); :meth:`configure` changes them.
+    Every option is keyword-only, with a safe default; they are documented by group
+    in :mod:`enjent.server.options` (:class:`~.options.Limits`: ``max_message_size``
+    1 MiB once decompressed, ``max_connections`` 25,000 per worker, ``write_limit``
+    512 KiB, ``max_request_size``, ``max_request_line``, ``max_room_name`` 256 bytes,
+    ``max_rooms_per_client`` 100, ``max_message_rate`` (off; 3013 above it);
+    :class:`~.options.Timeouts`: ``handshake_timeout``, ``ping_interval`` (``None``:
+    no keepalive), ``ping_timeout``, ``close_timeout``, ``sweep_interval``;
+    :class:`~.options.HandshakeOptions`: ``subprotocols``, ``allowed_origins``
+    (``None`` in the list admits clients without Origin), ``health_path``,
+    ``health_detail``, ``metrics_path``, ``trusted_proxies``, ``client_class`` /
+    ``client_factory``, ``server_header``, ``access_log``) and ``compression``
+    (``"deflate"``, ``None`` or a :class:`~enjent.deflate.DeflateOptions`). Each is
+    readable as an attribute (``server.close_timeout``); :meth:`configure` changes them.
 
-    Slow consumers: a client whose unsent data exceeds ``write_limit`` is
-    not read from until it drains; a message sent to it meanwhile is refused
-    (``send`` returns ``False``) and it is closed with 1008. Memory per
-    client is thus bounded by about ``write_limit`` plus one message.
+    Slow consumers: a client whose unsent data exceeds ``write_limit`` is not read from
+    until it drains; a message sent to it meanwhile is refused (``send`` returns
+    ``False``) and it is closed with 3008: memory per client is about ``write_limit``
+    plus one message.
     """
 
     def __init__(
@@ -96,6 +95,7 @@ class WebSocketServer(OptionAttributes):
         max_request_line: int = 8 * 1024,
         max_room_name: int = 256,
         max_rooms_per_client: int = 100,
+        max_message_rate: int | None = None,
         handshake_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float = 20.0,

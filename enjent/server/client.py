@@ -62,6 +62,7 @@ class WebSocketClient:
         "connected_at",
         "connection",
         "data",
+        "expires_at",
         "hub",
         "id",
         "request",
@@ -74,6 +75,10 @@ class WebSocketClient:
         self.connected_at = _recent_wall_time()
         self.subprotocol: str | None = None
         self.data: Any = None
+        #: UNIX time after which the client is closed with 3005 (its token's
+        #: ``exp``; set by an ``on_handshake`` hook's ``Accept(expires_at=...)``);
+        #: 0: never. The keepalive sweep checks it, about once a second.
+        self.expires_at = 0.0
         #: The connection this client is served on (``None`` before the handshake).
         self.connection: Connection | None = None
         #: The registry of the process's clients (``None`` before the handshake).
@@ -109,7 +114,7 @@ class WebSocketClient:
         """Queue a message (text for ``str``, binary otherwise); never blocks.
 
         Returns ``False`` when the client is closed or is a slow consumer
-        over its ``write_limit`` (the server then closes it with 1008).
+        over its ``write_limit`` (the server then closes it with 3008).
         """
         connection = self.connection
         if connection is None:

@@ -16,6 +16,7 @@ import collections
 import inspect
 import logging
 import mmap
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import WebSocketNegotiationError
@@ -40,6 +41,7 @@ logger = logging.getLogger("enjent.connection")
 _server_refusals = RepeatedLog(logger, logging.WARNING)
 _protocol_errors = RepeatedLog(logger, logging.INFO)
 _slow_consumers = RepeatedLog(logger, logging.INFO)
+_rate_limited = RepeatedLog(logger, logging.INFO)
 
 _OPEN = State.OPEN
 #: Client writes (deliveries) that the messages of one read may cause in one
@@ -235,6 +237,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         "last_seen",
         "paused",
         "ping_sent_at",
+        "rate_at",
+        "rate_tokens",
         "state_of_server",
         "transport",
     )
@@ -260,6 +264,9 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         self.last_seen = 0.0
         self.ping_sent_at = 0.0
         self.closing_since = 0.0
+        #: the message-rate bucket (``max_message_rate``): tokens, and when refilled
+        self.rate_tokens = 0.0
+        self.rate_at = 0.0
 
     # ------------------------------------------------------------ asyncio
 
@@ -330,6 +337,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         handlers = state.handlers
         client = self.client
         handler = handlers.single_message
+        rate = state.options.limits.max_message_rate
         messages = 0
         done = 0
         try:
@@ -337,6 +345,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
                 done += 1
                 kind = type(event)
                 if kind is _str or kind is _bytes:
+                    if rate is not None and not self._admit(rate):
+                        break
                     messages += 1
                     if hub.deliveries > budget_end and done < len(events):
                         self._defer(events[done - 1 :])
@@ -418,6 +428,22 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
                 waiter.set_result(None)
 
     # ---------------------------------------------------------- handshake
+
+    def _admit(self, rate: int) -> bool:
+        """One message through the token bucket (``rate`` a second, a burst as large);
+        over it, the client is closed with 3013 and the rest of the read dropped."""
+        now = time.monotonic()
+        tokens = min(float(rate), self.rate_tokens + (now - self.rate_at) * rate)
+        self.rate_at = now
+        if tokens >= 1.0:
+            self.rate_tokens = tokens - 1.0
+            return True
+        self.rate_tokens = tokens
+        if self.state is State.OPEN:
+            self.state_of_server.stats["rate_limited"] += 1
+            _rate_limited("closing %s: over %d messages a second", self.client, rate)
+            self.close_websocket(CloseCode.RATE_LIMITED, "rate limited")
+        return False
 
     def _receive_handshake(self, data: bytes) -> None:
         state = self.state_of_server
@@ -612,7 +638,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         return True
 
     def queue(self, frame: bytes, payload: bytes | None = None) -> bool:
-        """Queue a frame for the read's one write, within ``write_limit`` (else 1008).
+        """Queue a frame for the read's one write, within ``write_limit`` (else 3008).
 
         As for a write, the limit is on what is already unsent: the frame that
         takes the queue over it is queued (one answer may be bigger than the
@@ -633,10 +659,10 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         return True
 
     def _slow_consumer(self) -> None:
-        """The stated policy: over ``write_limit`` and still sent to → close 1008."""
+        """The stated policy: over ``write_limit`` and still sent to → close 3008."""
         self.state_of_server.stats["slow_consumers_closed"] += 1
         _slow_consumers("closing %s: slow consumer over its write limit", self.client)
-        self.close_websocket(CloseCode.POLICY_VIOLATION, "slow consumer")
+        self.close_websocket(CloseCode.SLOW_CONSUMER, "slow consumer")
 
     def close_websocket(self, code: int, reason: str) -> None:
         if self.state is not State.OPEN:

@@ -3,13 +3,15 @@
 Server layer (layer 2 of docs/architecture.md). No connection has a timer
 or a task of its own: every ``sweep_interval`` one pass over the open
 connections aborts stalled handshakes, pings idle clients, closes those
-whose pong does not come (1011) and aborts closings that take too long.
+whose pong does not come (1011), closes clients whose token expired (3005)
+and aborts closings that take too long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ..frames import CloseCode, Opcode, encode_frame
 from ..protocol import State
@@ -30,6 +32,7 @@ def sweep(state: ServerState, now: float) -> None:
     close_timeout = timeouts.close_timeout
     handshake_timeout = timeouts.handshake_timeout
     stats = state.stats
+    wall = time.time()
     for connection in state.all_connections():
         transport = connection.transport
         if transport is None:
@@ -47,6 +50,11 @@ def sweep(state: ServerState, now: float) -> None:
             connection.last_seen = now
             connection.ping_sent_at = 0.0
         if connection.state is State.OPEN:
+            expires_at = connection.client.expires_at
+            if expires_at and wall >= expires_at:
+                stats["tokens_expired"] += 1
+                connection.close_websocket(CloseCode.TOKEN_EXPIRED, "token expired")
+                continue
             if ping_interval is None:
                 continue
             if connection.ping_sent_at:

@@ -27,6 +27,8 @@ COUNTERS = (
     "keepalive_timeouts",
     "protocol_errors",
     "slow_consumers_closed",
+    "rate_limited",
+    "tokens_expired",
     "handler_errors",
     "http_responses",
     "messages_received",
@@ -53,10 +55,12 @@ _SERVER_COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("messages_sent", "messages_sent_total", "WebSocket messages written to clients", ""),
     ("bytes_received", "bytes_received_total", "bytes read from WebSocket clients", ""),
     ("bytes_sent", "bytes_sent_total", "bytes of data frames written to clients", ""),
-    ("slow_consumers_closed", "slow_consumers_closed_total", "clients closed (1008) as slow", ""),
+    ("slow_consumers_closed", "slow_consumers_closed_total", "clients closed (3008) as slow", ""),
     ("keepalive_timeouts", "keepalive_timeouts_total", "clients closed for a missing pong", ""),
     ("protocol_errors", "protocol_errors_total", "connections failed by a protocol error", ""),
     ("handler_errors", "handler_errors_total", "exceptions raised by handlers", ""),
+    ("rate_limited", "rate_limited_total", "clients closed (3013) over max_message_rate", ""),
+    ("tokens_expired", "tokens_expired_total", "clients closed (3005): their token expired", ""),
 )
 
 #: bus counter -> help; metric ``enjent_bus_<name>_total``.

@@ -57,7 +57,7 @@ class Limits:
     max_message_size: int = 1 << 20
     #: Clients per worker (HTTP 503 with Retry-After above it).
     max_connections: int = 25_000
-    #: Unsent bytes per client before it is a slow consumer (1008).
+    #: Unsent bytes per client before it is a slow consumer (3008).
     write_limit: int = 512 * 1024
     #: Bytes of request head (HTTP 431 above it).
     max_request_size: int = 16 * 1024
@@ -67,10 +67,15 @@ class Limits:
     max_room_name: int = 256
     #: Rooms one client may be in at once (RoomLimitError above it).
     max_rooms_per_client: int = 100
+    #: Messages per second one client may send, with a burst as large (close 3013
+    #: above it); ``None``: no limit (the default).
+    max_message_rate: int | None = None
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
-            _positive_int(item.name, getattr(self, item.name))
+            value = getattr(self, item.name)
+            if item.name != "max_message_rate" or value is not None:
+                _positive_int(item.name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +270,7 @@ class OptionAttributes:
     max_request_line: OptionView[int] = OptionView()
     max_room_name: OptionView[int] = OptionView()
     max_rooms_per_client: OptionView[int] = OptionView()
+    max_message_rate: OptionView[int | None] = OptionView()
     handshake_timeout: OptionView[float] = OptionView()
     ping_interval: OptionView[float | None] = OptionView()
     ping_timeout: OptionView[float] = OptionView()

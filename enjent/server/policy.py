@@ -45,12 +45,15 @@ class Accept:
     """Returned by an ``on_handshake`` hook: accept, with these choices.
 
     ``subprotocol`` must be one the client offered; ``data`` is attached to
-    the client as ``client.data``; ``headers`` are added to the 101 response.
+    the client as ``client.data``; ``headers`` are added to the 101 response;
+    ``expires_at`` (UNIX time) closes the connection with 3005 then.
     """
 
     subprotocol: str | None = None
     data: Any = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+    #: UNIX time at which the connection is closed with 3005 (token expired).
+    expires_at: float | None = None
 
 
 @dataclass
@@ -226,6 +229,8 @@ class HandshakePolicy:
         client.subprotocol = subprotocol
         if accept.data is not None:
             client.data = accept.data
+        if accept.expires_at is not None:
+            client.expires_at = float(accept.expires_at)
         client.hub = hub
         extension = None
         extensions_header = None
