@@ -29,6 +29,7 @@ from .http11 import Headers, Request
 from .protocol import Close, Ping, Pong
 from .server import (
     Accept,
+    AddressLimits,
     ClientInfo,
     Presence,
     Response,
@@ -42,10 +43,12 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .cluster.publisher import AsyncPublisher, MessageTooBigError, Publisher
+    from .server.auth import JWTAuth
 
 #: Names imported from the cluster layer on first use (``from enjent import
 #: Publisher``): importing ``enjent`` does not load ZeroMQ or NATS.
 _LAZY = {
+    "JWTAuth": "enjent.server.auth",
     "AsyncPublisher": "enjent.cluster.publisher",
     "MessageTooBigError": "enjent.cluster.publisher",
     "Publisher": "enjent.cluster.publisher",
@@ -65,6 +68,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Accept",
+    "AddressLimits",
     "AsyncPublisher",
     "BusError",
     "ClientInfo",
@@ -74,6 +78,7 @@ __all__ = [
     "EnjentError",
     "HandshakeRejected",
     "Headers",
+    "JWTAuth",
     "MessageTooBigError",
     "Opcode",
     "Ping",

@@ -7,7 +7,7 @@ safe ones; the conformance runner and ``loadtest`` pass bigger ones.
 
     python examples/echo.py --host 127.0.0.1 --port 9001 [--workers N] [--bus nats://...]
         [--ssl-certfile cert.pem --ssl-keyfile key.pem] [--max-message-rate N]
-        [--jwt-secret SECRET]
+        [--max-connections-per-ip N] [--jwt-secret SECRET]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ssl
 import sys
 
 from enjent import WebSocketClient, WebSocketServer
+from enjent.server.addresses import AddressLimits
 
 PREFIX = "broadcast:"
 
@@ -96,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default: no limit)",
     )
     parser.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections one client address may hold on the host, every worker "
+        "together (HTTP 429 above it; default: no limit)",
+    )
+    parser.add_argument(
         "--jwt-secret",
         default=None,
         metavar="SECRET",
@@ -150,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         compression=None if args.compression == "none" else "deflate",
         health_detail=args.health_detail,
         max_message_rate=args.max_message_rate,
+        address_limits=(
+            AddressLimits(max_connections=args.max_connections_per_ip)
+            if args.max_connections_per_ip
+            else None
+        ),
     )
     if args.jwt_secret:
         from enjent.server.auth import JWTAuth

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from enjent.cluster.natsbus import IpcBus, NatsConfig, host_shard_base
+from enjent.server.addresses import AddressTable
 from enjent.server.running import tune_allocator
 
 from .httpapi import ApiSettings
@@ -137,6 +138,7 @@ class Arbiter:
         boot_timeout: float = BOOT_TIMEOUT,
         drain_timeout: float = DRAIN_TIMEOUT,
         api: ApiSettings | None = None,
+        address_limits: bool = False,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -148,6 +150,9 @@ class Arbiter:
         self.drain_timeout = drain_timeout
         #: the HTTP publish API's settings (``--api``), served by a process of its own
         self.api = api
+        #: the host's counts per client address, shared with every worker (the app
+        #: limits addresses: ``address_limits``); made before the first fork
+        self.address_table = AddressTable.create() if address_limits else None
         self.api_pid = 0
         self._api_started_at = 0.0
         self._api_restart_at = 0.0
@@ -431,6 +436,7 @@ class Arbiter:
             ssl=self.ssl,
             bus=self.bus,
             drain_timeout=self.drain_timeout,
+            address_table=self.address_table,
         )
 
         def child() -> int:
@@ -806,9 +812,11 @@ def run_cluster(
             return server
 
         close_timeout = server.close_timeout
+        address_limits = server.options.handshake.address_limits is not None
     else:
         load_app = app
         close_timeout = 5.0
+        address_limits = False
     return Arbiter(
         load_app,
         host,
@@ -820,4 +828,5 @@ def run_cluster(
         bus=bus,
         boot_timeout=boot_timeout,
         drain_timeout=drain_timeout,
+        address_limits=address_limits,
     ).run()

@@ -577,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         boot_timeout=values["boot_timeout"],
         drain_timeout=values["drain_timeout"],
         api=api,
+        address_limits=server.options.handshake.address_limits is not None,
     )
     return arbiter.run()
 

@@ -28,6 +28,7 @@ from enjent.cluster import BusEngine, ClusterClient
 from enjent.cluster.natsbus import NatsConfig, NatsEngine
 from enjent.exceptions import BusError
 from enjent.server import run_event_loop
+from enjent.server.addresses import AddressTable, attach
 
 logger = logging.getLogger("enjent.worker")
 
@@ -65,6 +66,8 @@ class WorkerSpec:
     bus: NatsConfig | None = None
     #: seconds a draining worker keeps its clients (SIGUSR1: a reload replaced it)
     drain_timeout: float = 30.0
+    #: the host's per-address counts (shared memory), when the app limits addresses
+    address_table: AddressTable | None = None
 
 
 def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> int:
@@ -83,6 +86,8 @@ def worker_main(load_app: Callable[[], WebSocketServer], spec: WorkerSpec) -> in
         return APP_LOAD_ERROR
     # a fresh identity per process: client ids stay unique across restarts
     server.hub.ids.reset(spec.shard)
+    if spec.address_table is not None:  # this worker's column of the host's counts
+        attach(spec.address_table.for_slot(spec.shard))
     result: int = run_event_loop(_serve(server, spec))
     return result
 

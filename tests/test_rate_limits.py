@@ -9,14 +9,17 @@ under the rate is never closed.
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 import pytest
-from clusterutil import REPO_ROOT, free_port, healthz, wait_for
+from clusterutil import REPO_ROOT, Cluster, free_port, healthz, wait_for
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -90,3 +93,121 @@ asyncio.run(main())
             server.wait(15)
         finally:
             server.kill()
+
+
+async def _try(port: int, source: str) -> int:
+    """101, or the HTTP status that refused the upgrade."""
+    try:
+        ws = await connect(
+            f"ws://127.0.0.1:{port}/", open_timeout=5, local_addr=(source, 0), compression=None
+        )
+    except InvalidStatus as exc:
+        return int(exc.response.status_code)
+    _open.append(ws)
+    return 101
+
+
+_open: list[Any] = []
+
+
+def test_connections_per_address_hold_on_the_host_across_both_workers() -> None:
+    """``--max-connections-per-ip 50`` on 2 workers: 150 connections from 127.0.0.2 give
+    50 ± 2 accepted (spread over both workers: the count is the host's) and 429 for the
+    rest; 127.0.0.3 still connects; a closed connection frees its place."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "examples/echo.py", "--port", str(port), "--workers", "2",
+         "--max-connections-per-ip", "50", "--health-detail"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(healthz(port)["workers"]) == 2, 20)
+
+        async def main() -> tuple[list[int], int, int, list[int]]:
+            statuses = []
+            for _ in range(0, 150, 10):  # a few at a time: both workers at once
+                statuses += await asyncio.gather(*(_try(port, "127.0.0.2") for _ in range(10)))
+            await asyncio.sleep(1.5)  # the counts travel in the heartbeats
+            local = [w["clients"] for w in healthz(port)["workers"]]
+            other = await _try(port, "127.0.0.3")
+            await _open.pop().close()  # 127.0.0.3's
+            await _open[0].close()  # one of 127.0.0.2's leaves: a place is free
+            del _open[0]
+            again = await _try(port, "127.0.0.2")
+            for ws in _open:
+                await ws.close()
+            _open.clear()
+            return statuses, other, again, local
+
+        statuses, other, again, local = asyncio.run(main())
+        accepted = statuses.count(101)
+        assert 48 <= accepted <= 52, statuses
+        assert statuses.count(429) == 150 - accepted, statuses
+        assert all(count > 0 for count in local), local  # both workers held some
+        assert other == 101 and again == 101
+    finally:
+        _open.clear()
+        server.terminate()
+        try:
+            server.wait(15)
+        finally:
+            server.kill()
+
+
+def test_a_reconnect_storm_from_one_address_is_held_to_its_rate() -> None:
+    """20 handshakes a second per address: 1000 handshakes in a tight loop from 127.0.0.2
+        (a process standing for a client elsewhere: SCHED_IDLE) get at most 20 through in each
+    second they touch,
+        and 127.0.0.3's handshakes keep at least 80 % of their rate."""
+    env = {"LIMITS_HANDSHAKES": "20"}
+    with Cluster(workers=2, app="tests.limits_app:server", env=env) as cluster:
+        cluster.wait_ready()
+        port = cluster.port
+        storm_script = f"""
+import asyncio, os, time
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+async def main():
+    accepted = refused = 0
+    started = time.monotonic()
+    for _ in range(1000):
+        try:
+            ws = await connect("ws://127.0.0.1:{port}/", local_addr=("127.0.0.2", 0),
+                               compression=None, open_timeout=5)
+            accepted += 1
+            await ws.close()
+        except InvalidStatus:
+            refused += 1
+    print(accepted, refused, time.monotonic() - started)
+asyncio.run(main())
+"""
+
+        async def rate(seconds: float) -> float:
+            done = 0
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                assert await _try(port, "127.0.0.3") == 101
+                await _open.pop().close()
+                done += 1
+                await asyncio.sleep(0.06)  # under 20 a second: never limited itself
+            return done / seconds
+
+        async def main() -> tuple[float, float, str]:
+            quiet = await rate(3)
+            storm = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", storm_script, stdout=asyncio.subprocess.PIPE
+            )
+            await asyncio.sleep(0.5)
+            loud = await rate(3)
+            output, _ = await asyncio.wait_for(storm.communicate(), 60)
+            return quiet, loud, output.decode()
+
+        quiet, loud, output = asyncio.run(main())
+        accepted, refused, seconds = output.split()
+        assert int(accepted) + int(refused) == 1000
+        # a window per second: at most 20 in each second the storm touched
+        assert int(accepted) <= 20 * (math.floor(float(seconds)) + 2), output
+        assert int(refused) >= 900, output
+        assert loud >= 0.8 * quiet, (quiet, loud)

@@ -21,6 +21,7 @@ the modules of this package each hold one part:
 
 from __future__ import annotations
 
+from .addresses import AddressLimits
 from .app import WebSocketServer
 from .client import WebSocketClient
 from .hub import Hub
@@ -38,6 +39,7 @@ from .running import (
 
 __all__ = [
     "Accept",
+    "AddressLimits",
     "AppServesOnImport",
     "ClientInfo",
     "HandshakeHook",

@@ -22,8 +22,9 @@ from ..deflate import DeflateOptions
 from ..exceptions import WebSocketServerError
 from ..frames import CloseCode
 from ..http11 import Request
+from .addresses import AddressLimits
 from .client import WebSocketClient
-from .closing import close_connections, drain_clients
+from .closing import GOING_AWAY, close_connections, drain_clients
 from .connection import Connection, ServerState
 from .handlers import Handlers
 from .hub import Hub, TrustedProxies
@@ -44,7 +45,6 @@ from .running import (
 )
 
 __all__ = ["WebSocketServer"]
-_GOING_AWAY = "server shutting down"  # the reason of a stop's Close 1001
 
 logger = logging.getLogger("enjent.server")
 
@@ -58,15 +58,14 @@ class WebSocketServer(OptionAttributes):
     in :mod:`enjent.server.options` (:class:`~.options.Limits`: ``max_message_size``
     1 MiB once decompressed, ``max_connections`` 25,000 per worker, ``write_limit``
     512 KiB, ``max_request_size``, ``max_request_line``, ``max_room_name`` 256 bytes,
-    ``max_rooms_per_client`` 100, ``max_message_rate`` (off; 3013 above it);
-    :class:`~.options.Timeouts`: ``handshake_timeout``, ``ping_interval`` (``None``:
-    no keepalive), ``ping_timeout``, ``close_timeout``, ``sweep_interval``;
-    :class:`~.options.HandshakeOptions`: ``subprotocols``, ``allowed_origins``
-    (``None`` in the list admits clients without Origin), ``health_path``,
-    ``health_detail``, ``metrics_path``, ``trusted_proxies``, ``client_class`` /
-    ``client_factory``, ``server_header``, ``access_log``) and ``compression``
-    (``"deflate"``, ``None`` or a :class:`~enjent.deflate.DeflateOptions`). Each is
-    readable as an attribute (``server.close_timeout``); :meth:`configure` changes them.
+    ``max_rooms_per_client`` 100, ``max_message_rate`` (off); :class:`~.options.Timeouts`:
+    ``handshake_timeout``, ``ping_interval`` (``None``: no keepalive), ``ping_timeout``,
+    ``close_timeout``, ``sweep_interval``; :class:`~.options.HandshakeOptions`:
+    ``subprotocols``, ``allowed_origins``, ``health_path``, ``health_detail``,
+    ``metrics_path``, ``trusted_proxies``, ``client_class`` / ``client_factory``,
+    ``server_header``, ``access_log``, ``address_limits``) and ``compression``
+    (``"deflate"``, ``None`` or a :class:`~enjent.deflate.DeflateOptions`); each is an
+    attribute (``server.close_timeout``), and :meth:`configure` changes them.
 
     Slow consumers: a client whose unsent data exceeds ``write_limit`` is not read from
     until it drains; a message sent to it meanwhile is refused (``send`` returns
@@ -87,6 +86,7 @@ class WebSocketServer(OptionAttributes):
         client_factory: Callable[[Request], WebSocketClient] | None = None,
         server_header: str | None = "enjent",
         access_log: bool = False,
+        address_limits: AddressLimits | None = None,
         compression: str | DeflateOptions | None = "deflate",
         max_message_size: int = 1 << 20,
         max_connections: int = 25_000,
@@ -354,7 +354,7 @@ class WebSocketServer(OptionAttributes):
         await drain_clients(self._state, period, code, reason)
 
     async def stop(
-        self, *, close_timeout: float | None = None, code: int = 1001, reason: str = _GOING_AWAY
+        self, *, close_timeout: float | None = None, code: int = 1001, reason: str = GOING_AWAY
     ) -> None:
         """Stop gracefully: stop accepting, Close ``code`` (1001) to every client, wait.
 

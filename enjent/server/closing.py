@@ -18,7 +18,10 @@ from typing import Any
 
 from .connection import ServerState
 
-__all__ = ["close_connections", "drain_clients"]
+__all__ = ["GOING_AWAY", "close_connections", "drain_clients"]
+
+#: The reason of a stop's Close 1001.
+GOING_AWAY = "server shutting down"
 
 logger = logging.getLogger("enjent.server")
 

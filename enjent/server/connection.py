@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import WebSocketNegotiationError
 from ..frames import CloseCode
+from ..handshake import is_upgrade_request
 from ..http11 import Request, error_response, parse_request, without_body
 from ..protocol import Close, ServerProtocol, State
+from .addresses import AddressLimits, host_table
 from .logs import RepeatedLog
 from .policy import log_access
 
@@ -230,6 +232,7 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         "_drain_waiter",
         "_head",
         "active",
+        "address_bucket",
         "backlog",
         "batching",
         "client",
@@ -264,6 +267,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         self.last_seen = 0.0
         self.ping_sent_at = 0.0
         self.closing_since = 0.0
+        #: the client address's bucket in the host's table (``address_limits``), or -1
+        self.address_bucket = -1
         #: the message-rate bucket (``max_message_rate``): tokens, and when refilled
         self.rate_tokens = 0.0
         self.rate_at = 0.0
@@ -445,6 +450,17 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             self.close_websocket(CloseCode.RATE_LIMITED, "rate limited")
         return False
 
+    def _admit_address(self, request: Request, limits: AddressLimits) -> int:
+        """The address bucket of an upgrade, counted; 429 past the address's limits."""
+        peer = request.remote_address
+        host = peer[0] if peer else "-"
+        address = self.state_of_server.hub.proxies.client_address(host, request.headers)
+        try:
+            return host_table().admit(address, limits)
+        except WebSocketNegotiationError:
+            self.state_of_server.stats["address_limited"] += 1
+            raise
+
     def _receive_handshake(self, data: bytes) -> None:
         state = self.state_of_server
         limits = state.options.limits
@@ -464,6 +480,9 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
             assert self.transport is not None
             # kept as (interned host, port): see Request.remote_address
             request.remote_address = self.transport.get_extra_info("peername")
+            address_limits = state.options.handshake.address_limits
+            if address_limits is not None and is_upgrade_request(request):
+                self.address_bucket = self._admit_address(request, address_limits)
             response, client, extension = state.policy.answer(
                 request, open_connections=state.open_connections()
             )
@@ -490,6 +509,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         if access_log:
             log_access(request, 101, client.subprotocol or "", state.hub.ids.shard)
         state.stats["connections_accepted"] += 1
+        if self.address_bucket >= 0:
+            host_table().connected(self.address_bucket)
         state.hub.add(client)
         state.connections.discard(self)  # found through the hub from now on
         state.handlers.connected(client)
@@ -549,6 +570,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         """
         state = self.state_of_server
         if state.hub.remove(client):
+            if self.address_bucket >= 0:
+                host_table().disconnected(self.address_bucket)
             if lingering:
                 state.connections.add(self)
             state.handlers.disconnected(client, code, reason)

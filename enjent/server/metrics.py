@@ -29,6 +29,7 @@ COUNTERS = (
     "slow_consumers_closed",
     "rate_limited",
     "tokens_expired",
+    "address_limited",
     "handler_errors",
     "http_responses",
     "messages_received",
@@ -61,6 +62,7 @@ _SERVER_COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("handler_errors", "handler_errors_total", "exceptions raised by handlers", ""),
     ("rate_limited", "rate_limited_total", "clients closed (3013) over max_message_rate", ""),
     ("tokens_expired", "tokens_expired_total", "clients closed (3005): their token expired", ""),
+    ("address_limited", "address_limited_total", "handshakes refused (429) per address", ""),
 )
 
 #: bus counter -> help; metric ``enjent_bus_<name>_total``.

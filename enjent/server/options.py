@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..deflate import DeflateOptions
 from ..http11 import Request
+from .addresses import AddressLimits
 from .client import WebSocketClient
 
 __all__ = [
@@ -131,6 +132,8 @@ class HandshakeOptions:
     server_header: str | None = "enjent"
     #: One line per answered request on the ``enjent.access`` logger.
     access_log: bool = False
+    #: Connections and handshakes per client address on the host (``None``: none).
+    address_limits: AddressLimits | None = None
 
     def __post_init__(self) -> None:
         subprotocols: Any = self.subprotocols
@@ -164,6 +167,8 @@ class HandshakeOptions:
             raise TypeError("client_factory must be a callable taking the Request, or None")
         if self.server_header is not None and not isinstance(self.server_header, str):
             raise ValueError(f"server_header must be a str or None, got {self.server_header!r}")
+        if self.address_limits is not None and not isinstance(self.address_limits, AddressLimits):
+            raise TypeError("address_limits must be an AddressLimits or None")
         for name in ("access_log", "health_detail"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -263,6 +268,7 @@ class OptionAttributes:
     client_factory: OptionView[Callable[[Request], WebSocketClient] | None] = OptionView()
     server_header: OptionView[str | None] = OptionView()
     access_log: OptionView[bool] = OptionView()
+    address_limits: OptionView[AddressLimits | None] = OptionView()
     max_message_size: OptionView[int] = OptionView()
     max_connections: OptionView[int] = OptionView()
     write_limit: OptionView[int] = OptionView()
