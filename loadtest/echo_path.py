@@ -88,13 +88,28 @@ def _request() -> bytes:
 
 
 async def run(
-    *, size: int, per_read: int, connections: int, messages: int, repeat: int, seed: int
+    *,
+    size: int,
+    per_read: int,
+    connections: int,
+    messages: int,
+    repeat: int,
+    seed: int,
+    limits: bool = False,
 ) -> list[float]:
     """CPU microseconds per echoed message, one figure per repeat."""
     sys.path.insert(0, str(_EXAMPLES))
     from echo import build_server  # examples/echo.py: the server the load tests run
 
-    server = build_server()
+    options: dict[str, object] = {}
+    if limits:  # the limits on, never reached: what checking them costs
+        from enjent import AddressLimits
+
+        options = {
+            "max_message_rate": 10**9,
+            "address_limits": AddressLimits(max_connections=10**6, max_handshakes_per_second=10**6),
+        }
+    server = build_server(**options)
     opened = []
     for _ in range(connections):
         connection = server.new_connection()
@@ -137,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=200_000, help="messages per repeat")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="max_message_rate and address_limits on (never reached): what checking costs",
+    )
     args = parser.parse_args(argv)
     if args.size < 0 or min(args.per_read, args.connections, args.repeat) < 1:
         parser.error("--per-read, --connections and --repeat must be at least 1, --size >= 0")
@@ -152,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             messages=args.messages,
             repeat=args.repeat,
             seed=args.seed,
+            limits=args.limits,
         )
     )
     for number, value in enumerate(figures, 1):

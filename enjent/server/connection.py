@@ -343,6 +343,9 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         client = self.client
         handler = handlers.single_message
         rate = state.options.limits.max_message_rate
+        # the bucket is refilled once per read; each message then costs a subtraction
+        # of small ints (no float made per message)
+        allowed = int(self._refill(rate)) if rate is not None else 0
         messages = 0
         done = 0
         try:
@@ -350,9 +353,11 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
                 done += 1
                 kind = type(event)
                 if kind is _str or kind is _bytes:
-                    if rate is not None and not self._admit(rate):
-                        break
                     messages += 1
+                    if rate is not None and messages > allowed:
+                        messages -= 1
+                        self._over_rate(rate)
+                        break
                     if hub.deliveries > budget_end and done < len(events):
                         self._defer(events[done - 1 :])
                         messages -= 1
@@ -374,6 +379,8 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
         finally:
             self.batching = False
             stats["messages_received"] += messages
+            if rate is not None:
+                self.rate_tokens -= messages
 
     def _defer(self, events: list[Any]) -> None:
         self.backlog = events
@@ -434,21 +441,21 @@ class Connection(ServerProtocol, asyncio.BaseProtocol):
 
     # ---------------------------------------------------------- handshake
 
-    def _admit(self, rate: int) -> bool:
-        """One message through the token bucket (``rate`` a second, a burst as large);
-        over it, the client is closed with 3013 and the rest of the read dropped."""
+    def _refill(self, rate: int) -> float:
+        """The message-rate bucket's tokens now (``rate`` a second, a burst as large)."""
         now = time.monotonic()
         tokens = min(float(rate), self.rate_tokens + (now - self.rate_at) * rate)
         self.rate_at = now
-        if tokens >= 1.0:
-            self.rate_tokens = tokens - 1.0
-            return True
-        self.rate_tokens = tokens
+        self.rate_tokens = tokens  # the messages of the read are taken off afterwards
+        return tokens
+
+    def _over_rate(self, rate: int) -> None:
+        """Over ``max_message_rate``: close 3013 and stop reading; the rest is dropped."""
         if self.state is State.OPEN:
             self.state_of_server.stats["rate_limited"] += 1
             _rate_limited("closing %s: over %d messages a second", self.client, rate)
-            self.close_websocket(CloseCode.RATE_LIMITED, "rate limited")
-        return False
+            # failed, not closed: what it keeps sending is not even parsed
+            self.fail_connection(CloseCode.RATE_LIMITED, "rate limited")
 
     def _admit_address(self, request: Request, limits: AddressLimits) -> int:
         """The address bucket of an upgrade, counted; 429 past the address's limits."""
