@@ -48,11 +48,14 @@ def test_a_flooding_client_is_closed_with_3013_and_bystanders_keep_their_echo() 
             return samples[int(0.99 * len(samples))]
 
         flood_script = f"""
-import asyncio, os, time
-from websockets.asyncio.client import connect
+import os
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # a client elsewhere: not our CPU
+import asyncio, sys, time
+from websockets.asyncio.client import connect
 async def main():
     async with connect("ws://127.0.0.1:{port}/", compression=None, max_queue=None) as ws:
+        print("ready", flush=True)
+        sys.stdin.readline()
         started = time.monotonic()
         try:
             for index in range(10_000):
@@ -67,12 +70,18 @@ asyncio.run(main())
         async def main() -> tuple[float, float, str]:
             url = f"ws://127.0.0.1:{port}/"
             async with connect(url, compression=None) as bystander:
-                quiet = await p99(bystander, 3)
-                # the flood from a process of its own: this loop measures, nothing else
+                # the flood from a process of its own, connected before anything is
+                # measured: this loop measures, nothing else
                 flooder = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", flood_script, stdout=asyncio.subprocess.PIPE
-                )
-                loud = await p99(bystander, 2)
+                    sys.executable, "-c", flood_script,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                assert flooder.stdin is not None and flooder.stdout is not None
+                assert (await asyncio.wait_for(flooder.stdout.readline(), 30)).strip() == b"ready"
+                quiet = await p99(bystander, 3)
+                flooder.stdin.write(b"go\n")
+                await flooder.stdin.drain()
+                loud = await p99(bystander, 3)
                 output, _ = await asyncio.wait_for(flooder.communicate(), 30)
                 return quiet, loud, output.decode()
 
