@@ -9,11 +9,13 @@ under the rate is never closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,16 +26,29 @@ from websockets.exceptions import InvalidStatus
 pytestmark = pytest.mark.timeout(90)
 
 
-def test_a_flooding_client_is_closed_with_3013_and_bystanders_keep_their_echo() -> None:
+@contextlib.contextmanager
+def echo_example(*args: str) -> Iterator[int]:
+    """``examples/echo.py --workers 2 ARGS`` on a free port, until the block ends; its port."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "examples/echo.py", "--port", str(port), "--workers", "2",
-         "--max-message-rate", "100", "--health-detail"],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--health-detail", *args],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     try:
         wait_for(lambda: len(healthz(port)["workers"]) == 2, 20)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        finally:
+            server.kill()
+
+
+def test_a_flooding_client_is_closed_with_3013_and_bystanders_keep_their_echo() -> None:
+    with echo_example("--max-message-rate", "100") as port:
 
         async def p99(ws: object, seconds: float) -> float:
             samples = []
@@ -97,12 +112,6 @@ asyncio.run(main())
             return "enjent_cluster_rate_limited_total 1" in text
 
         wait_for(counted, 5)
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        finally:
-            server.kill()
 
 
 async def _try(port: int, source: str) -> int:
@@ -124,15 +133,7 @@ def test_connections_per_address_hold_on_the_host_across_both_workers() -> None:
     """``--max-connections-per-ip 50`` on 2 workers: 150 connections from 127.0.0.2 give
     50 ± 2 accepted (spread over both workers: the count is the host's) and 429 for the
     rest; 127.0.0.3 still connects; a closed connection frees its place."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "examples/echo.py", "--port", str(port), "--workers", "2",
-         "--max-connections-per-ip", "50", "--health-detail"],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for(lambda: len(healthz(port)["workers"]) == 2, 20)
+    with echo_example("--max-connections-per-ip", "50") as port:
 
         async def main() -> tuple[list[int], int, int, list[int]]:
             statuses = []
@@ -156,13 +157,7 @@ def test_connections_per_address_hold_on_the_host_across_both_workers() -> None:
         assert statuses.count(429) == 150 - accepted, statuses
         assert all(count > 0 for count in local), local  # both workers held some
         assert other == 101 and again == 101
-    finally:
         _open.clear()
-        server.terminate()
-        try:
-            server.wait(15)
-        finally:
-            server.kill()
 
 
 def test_a_reconnect_storm_from_one_address_is_held_to_its_rate() -> None:

@@ -76,6 +76,15 @@ class JWTAuth:
                 "JWTAuth needs PyJWT: pip install 'enjent[jwt]' (with cryptography for RS/ES keys)"
             ) from None
         self._jwt = jwt
+        #: PyJWT's errors, the most specific first, and the reason a client is told
+        self._reasons: tuple[tuple[type[Exception], str], ...] = (
+            (jwt.ExpiredSignatureError, "token expired"),
+            (jwt.ImmatureSignatureError, "token not yet valid"),
+            (jwt.InvalidAudienceError, "wrong audience"),
+            (jwt.InvalidIssuerError, "wrong issuer"),
+            (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+            (jwt.InvalidSignatureError, "bad signature"),
+        )
         algorithms = list(algorithms)
         if not algorithms or any(a.lower() == "none" for a in algorithms):
             raise ValueError('give the algorithms explicitly, never "none" (e.g. ["HS256"])')
@@ -143,21 +152,13 @@ class JWTAuth:
             )
         except HandshakeRejected:
             raise
-        except jwt.ExpiredSignatureError:
-            raise HandshakeRejected(401, "token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise HandshakeRejected(401, "token not yet valid") from None
-        except jwt.InvalidAudienceError:
-            raise HandshakeRejected(401, "wrong audience") from None
-        except jwt.InvalidIssuerError:
-            raise HandshakeRejected(401, "wrong issuer") from None
-        except jwt.InvalidAlgorithmError:
-            raise HandshakeRejected(401, "algorithm not allowed") from None
-        except jwt.InvalidSignatureError:
-            raise HandshakeRejected(401, "bad signature") from None
         except jwt.MissingRequiredClaimError as exc:
             raise HandshakeRejected(401, f"token without {exc.claim}") from None
-        except (jwt.InvalidTokenError, jwt.InvalidKeyError, ValueError, TypeError):
+        except (jwt.InvalidTokenError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
+            # the most precise reason PyJWT's error classes give (they subclass each other)
+            for kind, reason in self._reasons:
+                if isinstance(exc, kind):
+                    raise HandshakeRejected(401, reason) from None
             raise HandshakeRejected(401, "malformed token") from None
         return decoded
 
