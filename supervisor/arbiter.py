@@ -679,31 +679,14 @@ class Arbiter:
         while self.workers and time.monotonic() < kill_deadline:
             self._reap()
             time.sleep(0.02)
-        api_deadline = time.monotonic() + 3.0
-        while self.api_pid and time.monotonic() < api_deadline:
-            self._reap()
-            if self.api_pid:
-                time.sleep(0.02)
-        if self.api_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.api_pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.api_pid, 0)
-            self.api_pid = 0
+        self._reap_or_kill(lambda: self.api_pid, 3.0)  # SIGTERM sent above
+        self.api_pid = 0
         if self.broker_control >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.broker_control)  # the broker exits at end of file
             self.broker_control = -1
-        if self.broker_pid:
-            deadline = time.monotonic() + 2.0
-            while self.broker_pid and time.monotonic() < deadline:
-                self._reap()
-                time.sleep(0.02)
-            if self.broker_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.broker_pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(self.broker_pid, 0)
+        self._reap_or_kill(lambda: self.broker_pid, 2.0)
+        self.broker_pid = 0
         if self.runtime_dir and self.bus_directory is None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self._port_reservation is not None:
@@ -715,6 +698,20 @@ class Arbiter:
                 os.close(fd)
         logger.info("supervisor stopped (exit code %d)", self.exit_code)
 
+    def _reap_or_kill(self, pid_of: Callable[[], int], seconds: float) -> None:
+        """Reap the child ``pid_of()`` names (0: none) within ``seconds``, else SIGKILL it."""
+        deadline = time.monotonic() + seconds
+        while pid_of() and time.monotonic() < deadline:
+            self._reap()
+            if pid_of():
+                time.sleep(0.02)
+        pid = pid_of()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
     # ---------------------------------------------------------------- port
 
     def _reserve_port(self) -> None:
@@ -725,18 +722,15 @@ class Arbiter:
         0, a bound (not listening) ``SO_REUSEPORT`` socket keeps the chosen
         port for the workers.
         """
-        info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
-        family, address = info[0], info[4]
-        if self.port == 0:
-            reservation = socket.socket(family, socket.SOCK_STREAM)
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            reservation.bind(address)
-            self.port = reservation.getsockname()[1]
-            self._port_reservation = reservation
+        if self.port != 0:
+            _probe_port(self.host, self.port)
             return
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        reservation = socket.socket(info[0], socket.SOCK_STREAM)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(info[4])
+        self.port = reservation.getsockname()[1]
+        self._port_reservation = reservation
 
 
 def _probe_port(host: str, port: int) -> None:
