@@ -44,7 +44,13 @@ from ..server.connection import DELIVERY_BUDGET
 from ..server.ids import ClientIds
 from ..server.logs import RepeatedLog
 from ..server.metrics import WorkerSample
-from ..server.presence import MAX_PRESENCE_LIMIT, Presence, local_rows
+from ..server.presence import (
+    MAX_PRESENCE_LIMIT,
+    Presence,
+    local_clients,
+    local_rows,
+    presence_row,
+)
 from . import bus
 from .bus import BROKER_ORIGIN, Kind
 
@@ -98,6 +104,26 @@ _KIND_TOPICS = {
     Kind.HELLO: b"H",
     Kind.DEAD: b"H",
 }
+
+
+class _TokenBucket:
+    """``rate`` a second, in bursts as large: :meth:`take` takes one if there is one."""
+
+    __slots__ = ("at", "rate", "tokens")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 class RemoteClient:
@@ -200,9 +226,8 @@ class BusEngine:
         self.trusts_dead = True
         #: (shard, generation) of the last processes announced dead (a bounded memory)
         self._dead: collections.deque[tuple[int, str]] = collections.deque(maxlen=256)
-        self._query_tokens = PRESENCE_QUERIES_PER_SECOND
-        self._answer_tokens = PRESENCE_ANSWERS_PER_SECOND
-        self._tokens_refilled_at = time.monotonic()
+        self._queries_asked = _TokenBucket(PRESENCE_QUERIES_PER_SECOND)
+        self._answers = _TokenBucket(PRESENCE_ANSWERS_PER_SECOND)
 
     # ------------------------------------------------------ the transport
 
@@ -360,14 +385,12 @@ class BusEngine:
 
     async def fetch_clients(self, room: str | None, limit: int, timeout: float) -> Presence:
         """Ask every known worker; return what answered within ``timeout``."""
-        self._refill_presence_tokens()
-        if self._query_tokens < 1.0:  # refused before any row is made: a flood costs little
+        if not self._queries_asked.take():  # refused before any row is made: a flood costs little
             self.counters["presence_refused"] += 1
             raise BusError(
                 f"over {PRESENCE_QUERIES_PER_SECOND:g} presence queries a second on this worker: "
                 "ask less often (cache the answer)"
             )
-        self._query_tokens -= 1.0
         presence = Presence(workers=[self.shard])
         rows, total = local_rows(self.hub, room, limit)
         presence.add(self.shard, rows, total, limit)
@@ -398,17 +421,6 @@ class BusEngine:
         presence.missing_workers = sorted(query.waiting)
         return presence
 
-    def _refill_presence_tokens(self) -> None:
-        now = time.monotonic()
-        elapsed = now - self._tokens_refilled_at
-        self._tokens_refilled_at = now
-        self._query_tokens = min(
-            PRESENCE_QUERIES_PER_SECOND, self._query_tokens + elapsed * PRESENCE_QUERIES_PER_SECOND
-        )
-        self._answer_tokens = min(
-            PRESENCE_ANSWERS_PER_SECOND, self._answer_tokens + elapsed * PRESENCE_ANSWERS_PER_SECOND
-        )
-
     def _answer_presence(self, fields: list[Any]) -> None:
         query_id, reply_shard, generation, room, limit = fields
         query_id, reply_shard, limit = int(query_id), int(reply_shard), int(limit)
@@ -416,40 +428,36 @@ class BusEngine:
             raise BusError("PRESENCE_REQ envelope: room must be a str or nil")
         if not isinstance(generation, str) or not bus.MIN_ORIGIN <= reply_shard <= bus.MAX_ORIGIN:
             raise BusError("PRESENCE_REQ envelope: bad reply address")
-        self._refill_presence_tokens()
-        if self._answer_tokens < 1.0:
+        if not self._answers.take():
             # the asker sees this worker as missing (a partial answer), and the
             # clients of this worker keep their share of the loop
             self.counters["presence_refused"] += 1
             self._refusals("presence queries over %g/s: not answered", PRESENCE_ANSWERS_PER_SECOND)
             return
-        self._answer_tokens -= 1.0
-        limit = max(0, min(limit, MAX_PRESENCE_LIMIT))
-        total = len(self.hub.members(room)) if room is not None else self.hub.count
-        if room is None:
-            source: Any = iter(list(self.hub.clients.values())[:limit])
-        else:
-            source = iter(list(self.hub.members(room))[:limit])
-        self._stream_presence(bus.shard_topic(reply_shard), query_id, generation, total, source)
+        clients, total = local_clients(self.hub, room, max(0, min(limit, MAX_PRESENCE_LIMIT)))
+        self._stream_presence(bus.shard_topic(reply_shard), query_id, generation, total, clients, 0)
 
     def _stream_presence(
-        self, topic: bytes, query_id: int, generation: str, total: int, source: Any
+        self,
+        topic: bytes,
+        query_id: int,
+        generation: str,
+        total: int,
+        clients: list[Any],
+        start: int,
     ) -> None:
-        """Publish the rows in parts, :data:`PRESENCE_ROWS_PER_TURN` per turn of the loop."""
+        """Publish the rows of ``clients[start:]`` in parts: one part per turn of the loop,
+        at most :data:`PRESENCE_ROWS_PER_TURN` rows and :data:`~enjent.cluster.bus.PART_BYTES`."""
         chunk: list[list[Any]] = []
         size = 0
-        for _ in range(PRESENCE_ROWS_PER_TURN):
-            client = next(source, None)
-            if client is None:
-                break
-            row = [client.id, client.request.path, client.connected_at]
+        end = min(len(clients), start + PRESENCE_ROWS_PER_TURN)
+        index = start
+        while index < end and size < bus.PART_BYTES:
+            row = presence_row(clients[index])
             chunk.append(row)
             size += len(row[0]) + len(row[1]) + 16
-            if size >= bus.PART_BYTES:
-                break
-        else:
-            client = True  # rows may remain
-        last = client is None
+            index += 1
+        last = index == len(clients)
         sent = self._publish(
             topic, Kind.PRESENCE, query_id, generation, chunk, total if last else 0, last
         )
@@ -458,7 +466,7 @@ class BusEngine:
             return
         if not last:
             asyncio.get_running_loop().call_soon(
-                self._stream_presence, topic, query_id, generation, total, source
+                self._stream_presence, topic, query_id, generation, total, clients, index
             )
 
     def _on_presence(self, origin: int, fields: list[Any]) -> None:

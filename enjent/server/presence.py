@@ -9,6 +9,7 @@ timeout, as a :class:`Presence`. A worker answers from its own clients with
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -16,7 +17,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["MAX_PRESENCE_LIMIT", "ClientInfo", "Presence", "check_query", "local_rows"]
+__all__ = [
+    "MAX_PRESENCE_LIMIT",
+    "ClientInfo",
+    "Presence",
+    "check_query",
+    "local_clients",
+    "local_rows",
+    "presence_row",
+]
 
 #: The most client rows one presence query may ask for.
 MAX_PRESENCE_LIMIT = 100_000
@@ -82,18 +91,27 @@ def check_query(limit: int, timeout: float) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
-def local_rows(hub: Hub, room: str | None, limit: int) -> tuple[list[list[Any]], int]:
-    """This worker's clients (of ``room``, or all): at most ``limit`` rows, and the count."""
+def local_clients(hub: Hub, room: str | None, limit: int) -> tuple[list[Any], int]:
+    """This worker's clients (of ``room``, or all): at most ``limit`` of them, and the count.
+
+    A list of its own (the hub's sets change as clients come and go), of
+    references only: the rows can be made later, a part at a time.
+    """
     if room is None:
         clients: Iterable[Any] = hub.clients.values()
         total = hub.count
     else:
         members = hub.members(room)
         clients, total = members, len(members)
-    rows: list[list[Any]] = []
-    if limit:
-        for client in clients:
-            rows.append([client.id, client.request.path, client.connected_at])
-            if len(rows) >= limit:
-                break
-    return rows, total
+    return list(itertools.islice(clients, limit)), total
+
+
+def presence_row(client: Any) -> list[Any]:
+    """One client as a presence answer carries it: ``[id, path, connected_at]``."""
+    return [client.id, client.request.path, client.connected_at]
+
+
+def local_rows(hub: Hub, room: str | None, limit: int) -> tuple[list[list[Any]], int]:
+    """This worker's clients (of ``room``, or all): at most ``limit`` rows, and the count."""
+    clients, total = local_clients(hub, room, limit)
+    return [presence_row(client) for client in clients], total
