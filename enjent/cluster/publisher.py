@@ -388,10 +388,11 @@ class AsyncPublisher:
 
     # ------------------------------------------------------------ publish
 
-    def frame_of(self, data: str | bytes) -> bytes:
-        """The frame of ``data``; :class:`MessageTooBigError` or ``TypeError`` if it cannot go."""
+    def check_message(self, data: str | bytes) -> None:
+        """:class:`MessageTooBigError` or ``TypeError`` if ``data`` cannot go (nothing made)."""
         if isinstance(data, str):
-            size = len(data.encode("utf-8"))
+            # at most 4 bytes a character: only a long text is encoded to be measured
+            size = len(data) if 4 * len(data) <= self.max_message_size else len(data.encode())
         elif isinstance(data, bytes | bytearray | memoryview):
             size = len(data)
         else:
@@ -400,6 +401,10 @@ class AsyncPublisher:
             raise MessageTooBigError(
                 f"message of {size} bytes over max_message_size={self.max_message_size}"
             )
+
+    def frame_of(self, data: str | bytes) -> bytes:
+        """The frame of ``data``, checked first (:meth:`check_message`)."""
+        self.check_message(data)
         return OutgoingMessage.of(data).frame
 
     def check_room(self, name: str) -> None:
@@ -634,7 +639,7 @@ class Publisher:
 
     def broadcast(self, data: str | bytes, *, exclude: str | None = None) -> None:
         """Send ``data`` to every client of every worker."""
-        self._async.frame_of(data)  # refused in the caller's thread, nothing sent
+        self._async.check_message(data)  # refused in the caller's thread, nothing sent
         self._call(lambda: self._async.broadcast(data, exclude=exclude))
 
     def room(self, name: str) -> SyncPublisherRoom:
@@ -647,13 +652,13 @@ class Publisher:
     def publish_rooms(
         self, names: tuple[str, ...], data: str | bytes, *, exclude: str | None = None
     ) -> None:
-        self._async.frame_of(data)
+        self._async.check_message(data)
         self._call(lambda: self._async.publish_rooms(names, data, exclude=exclude))
 
     def send(self, client_id: str, data: str | bytes) -> None:
         """Send ``data`` to the client ``client_id`` wherever it is connected."""
         self._async.owner(client_id)
-        self._async.frame_of(data)
+        self._async.check_message(data)
         self._call(lambda: self._async.send(client_id, data))
 
     def close_client(
