@@ -132,7 +132,6 @@ class PublishApi:
         self.publisher = publisher
         self._expected = b"Bearer " + settings.key
         self._refusals = RepeatedLog(logger, logging.INFO)
-        self.counts: dict[int, int] = {}
         self.connections = 0
         #: the body limit: a message of max_message_size in base64, with the JSON around it
         self.body_limit = (settings.max_message_size * 4) // 3 + 64 * 1024
@@ -188,7 +187,6 @@ class PublishApi:
             self._refusals("API %s %s: %d %s", request.method, request.path, status, refusal)
             if status in (411, 413):
                 keep_alive = False  # the body was not read: the stream is not at a request
-        self.counts[status] = self.counts.get(status, 0) + 1
         return keep_alive, json_response(status, payload, keep_alive=keep_alive, headers=extra)
 
     async def _body(self, request: Any, reader: asyncio.StreamReader) -> bytes:
