@@ -1,10 +1,9 @@
 """The application's server: :class:`WebSocketServer`, the front object.
 
 Server layer (layer 2 of docs/architecture.md). It takes the options,
-registers the handlers, starts and stops listening, and wires together the
-parts that do the work (options, handlers, handshake policy, hub,
-connections, sweep: see :mod:`enjent.server`). On a cluster a worker plugs
-the bus engine in with :meth:`WebSocketServer.attach_peers`.
+registers the handlers, starts and stops listening, and wires together the parts
+that do the work (options, handlers, handshake policy, hub, connections, sweep,
+history: see :mod:`enjent.server`). A worker plugs its bus engine in with :meth:`attach_peers`.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from .client import WebSocketClient
 from .closing import GOING_AWAY, close_connections, drain_clients
 from .connection import Connection, ServerState
 from .handlers import Handlers
+from .history import RememberingRooms
 from .hub import Hub, TrustedProxies
 from .keepalive import sweep_forever
 from .metrics import COUNTERS
@@ -51,7 +51,7 @@ logger = logging.getLogger("enjent.server")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class WebSocketServer(OptionAttributes):
+class WebSocketServer(OptionAttributes, RememberingRooms):
     """A WebSocket server: register handlers, then ``run`` or ``start`` it.
 
     Every option is keyword-only, with a safe default; they are documented by group
@@ -106,6 +106,7 @@ class WebSocketServer(OptionAttributes):
         self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.hub = Hub(self.stats)
         self._handlers = Handlers(self.stats)
+        self.hub.report_error = self._handlers.report_error
         defaults = ServerOptions()
         self._policy = HandshakePolicy(defaults, self.hub)
         self._state = ServerState(defaults, self._policy, self.hub, self._handlers, self.stats)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import ConnectionClosedError, RoomLimitError
 from ..frames import CloseCode
 from ..http11 import Request
+from .history import parse_since
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -136,17 +137,29 @@ class WebSocketClient:
 
     # ---------------------------------------------------------------- rooms
 
-    def join(self, name: str) -> None:
+    def join(self, name: str, *, since: Any = None) -> None:
         """Join the room ``name`` (created on first use); a no-op once disconnected.
+
+        For a room that keeps history (``server.keep_history``), ``since`` is the
+        position the client last saw (``(epoch, offset)`` or ``"EPOCH:OFFSET"``, as
+        the client sent it back): the client then gets, in order, ``on_join``'s
+        messages, what it missed and the live publications, or ``recovered=False``
+        in ``on_join`` (garbage, an old epoch, too far behind: never an exception).
+        On a cluster the client becomes a member once the keeper of the history
+        answered (a bus round trip).
 
         Raises :class:`~enjent.RoomLimitError` when the name is over the
         server's ``max_room_name`` bytes, or when this client is already in
-        ``max_rooms_per_client`` rooms.
+        ``max_rooms_per_client`` rooms; ``ValueError`` for ``since`` on a room
+        without history.
         """
         hub = self.hub
         if hub is None:
             raise RuntimeError("join() needs a client connected to a server")
         hub.check_room_name(name)
+        remembers = bool(hub.history) and hub.history.settings_of(name) is not None
+        if since is not None and not remembers:
+            raise ValueError(f"room {name!r} keeps no history: join it without since")
         if not hub.is_connected(self):
             return  # gone: joining now would leave a dead member in the room forever
         rooms = self._rooms
@@ -159,7 +172,10 @@ class WebSocketClient:
                     f"client {self.id} is in {len(rooms)} rooms: max_rooms_per_client={limit}"
                 )
             rooms.add(name)
-            hub.join(self, name)
+            if remembers:
+                hub.join_with_history(self, name, parse_since(since))
+            else:
+                hub.join(self, name)
 
     def leave(self, name: str) -> None:
         """Leave the room ``name``; a no-op if not a member."""

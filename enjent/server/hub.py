@@ -10,11 +10,13 @@ received, ``send`` to a client id wherever it is.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import RoomLimitError
 from ..protocol import OutgoingMessage, State
+from .history import HistoryRules, Joined, Publication, identity
 from .ids import ClientIds
 from .options import Limits
 from .peers import LocalPeers, Peers
@@ -26,6 +28,12 @@ if TYPE_CHECKING:
 __all__ = ["Hub", "TrustedProxies"]
 
 _OPEN = State.OPEN
+
+logger = logging.getLogger("enjent.server")
+
+
+def _log_error(client: Any, exc: BaseException) -> None:
+    logger.error("error in a handler for %s", client, exc_info=exc)
 
 
 def _is_ip(text: str) -> bool:
@@ -75,11 +83,32 @@ class TrustedProxies:
 class Hub:
     """This process's clients and rooms, and the cluster engine behind them."""
 
-    __slots__ = ("_clients", "_rooms", "deliveries", "ids", "limits", "peers", "proxies", "stats")
+    __slots__ = (
+        "_clients",
+        "_joining",
+        "_rooms",
+        "deliveries",
+        "formatter",
+        "history",
+        "ids",
+        "join_handlers",
+        "limits",
+        "peers",
+        "proxies",
+        "report_error",
+        "stats",
+    )
 
     def __init__(self, stats: dict[str, int]) -> None:
         self._clients: dict[str, WebSocketClient] = {}
         self._rooms: dict[str, set[WebSocketClient]] = {}
+        #: clients waiting for their position in a room with history (not members yet)
+        self._joining: dict[str, set[WebSocketClient]] = {}
+        #: which rooms keep history, what their members receive, who hears of a join
+        self.history = HistoryRules()
+        self.formatter: Callable[[Publication], str | bytes] = identity
+        self.join_handlers: list[Callable[[Any, Joined], Any]] = []
+        self.report_error: Callable[[Any, BaseException], None] = _log_error
         self.ids = ClientIds()
         self.stats = stats
         self.proxies = TrustedProxies(())
@@ -155,7 +184,13 @@ class Hub:
         members = self._rooms.get(name)
         if members is not None:
             members.discard(client)
-            if not members:
+            joining = self._joining.get(name)
+            if joining is not None:
+                joining.discard(client)
+                if not joining:
+                    del self._joining[name]
+                    joining = None
+            if not members and joining is None:
                 del self._rooms[name]
                 self.peers.room_deleted(name)
 
@@ -165,7 +200,70 @@ class Hub:
 
     @property
     def room_names(self) -> list[str]:
-        return list(self._rooms)
+        return [name for name, members in self._rooms.items() if members]
+
+    # -------------------------------------------------- rooms with history
+
+    def join_with_history(
+        self, client: WebSocketClient, name: str, since: tuple[str, int] | None
+    ) -> None:
+        """Ask for the position (and what was missed since ``since``) before the
+        client becomes a member: the peers call :meth:`joined` with the answer."""
+        members = self._rooms.get(name)
+        if members is None:
+            members = self._rooms[name] = set()
+            self.peers.room_created(name)  # live publications flow from now on
+        self._joining.setdefault(name, set()).add(client)
+        self.peers.recover(client, name, since)
+
+    def joined(self, client: WebSocketClient, joined: Joined, missed: list[Publication]) -> None:
+        """The answer to :meth:`join_with_history`: ``on_join``, the missed, then member."""
+        name = joined.room
+        joining = self._joining.get(name)
+        if joining is None or client not in joining:
+            return  # it left the room (or disconnected) meanwhile
+        joining.discard(client)
+        if not joining:
+            del self._joining[name]
+        stats = self.stats
+        outcome = {None: "history_joins", True: "history_recovered", False: "history_lost"}
+        stats[outcome[joined.recovered]] += 1
+        for handler in self.join_handlers:
+            try:
+                handler(client, joined)
+            except Exception as exc:
+                self.report_error(client, exc)
+        for publication in missed:
+            data = self.format(publication)
+            if data is not None:
+                client.send(data)
+        stats["history_replayed"] += len(missed)
+        self._rooms[name].add(client)
+
+    def format(self, publication: Publication) -> str | bytes | None:
+        """What members receive for ``publication``; ``None`` if the formatter failed."""
+        try:
+            return self.formatter(publication)
+        except Exception as exc:
+            self.report_error(None, exc)
+            return None
+
+    def publish_with_history(
+        self, names: list[str], data: str | bytes, exclude: WebSocketClient | None
+    ) -> int:
+        """``data`` to rooms with history: each gets its next offset (in the peers)."""
+        return self.peers.publish_logged(names, data, exclude.id if exclude is not None else None)
+
+    def deliver_logged(self, publication: Publication, exclude_id: str | None) -> int:
+        """Write one publication of a room with history to its members here (formatted once)."""
+        members = self._rooms.get(publication.room)
+        if not members:
+            return 0
+        data = self.format(publication)
+        if data is None:
+            return 0
+        exclude = self._clients.get(exclude_id) if exclude_id else None
+        return self.write_all(members, OutgoingMessage.of(data), exclude)
 
     # ----------------------------------------------------------- delivery
 
@@ -179,9 +277,16 @@ class Hub:
         self, names: list[str], data: str | bytes, exclude: WebSocketClient | None
     ) -> int:
         """``data`` once to each member of any of ``names``, on every worker."""
+        count = 0
+        if self.history:
+            logged, names = self.history.split(names)
+            if logged:
+                count = self.publish_with_history(logged, data, exclude)
+                if not names:
+                    return count
         message = OutgoingMessage.of(data)
         self.peers.publish_room(names, message.frame, exclude.id if exclude is not None else None)
-        return self.deliver_rooms(names, message, exclude)
+        return count + self.deliver_rooms(names, message, exclude)
 
     def deliver_rooms(
         self, names: Iterable[str], message: OutgoingMessage, exclude: WebSocketClient | None

@@ -36,6 +36,10 @@ COUNTERS = (
     "messages_sent",
     "bytes_received",
     "bytes_sent",
+    "history_joins",
+    "history_recovered",
+    "history_lost",
+    "history_replayed",
 )
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,6 +67,25 @@ _SERVER_COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("rate_limited", "rate_limited_total", "clients closed (3013) over max_message_rate", ""),
     ("tokens_expired", "tokens_expired_total", "clients closed (3005): their token expired", ""),
     ("address_limited", "address_limited_total", "handshakes refused (429) per address", ""),
+    ("history_joins", "history_joins_total", "joins of rooms with history by outcome", "fresh"),
+    (
+        "history_recovered",
+        "history_joins_total",
+        "joins of rooms with history by outcome",
+        "recovered",
+    ),
+    ("history_lost", "history_joins_total", "joins of rooms with history by outcome", "lost"),
+    ("history_replayed", "history_replayed_total", "publications replayed to clients", ""),
+)
+
+#: history store figure -> (metric, kind, help).
+_HISTORY_FIGURES: tuple[tuple[str, str, str, str], ...] = (
+    ("rooms", "history_rooms", "gauge", "rooms whose history is kept"),
+    ("messages", "history_messages", "gauge", "publications kept in history"),
+    ("bytes", "history_bytes", "gauge", "bytes of publications kept in history"),
+    ("appended", "history_appended_total", "counter", "publications given an offset"),
+    ("evicted", "history_evicted_total", "counter", "publications evicted (size, TTL, bound)"),
+    ("replays", "history_replays_total", "counter", "recoveries asked of the history"),
 )
 
 #: bus counter -> help; metric ``enjent_bus_<name>_total``.
@@ -99,8 +122,11 @@ def _number(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
-def render_metrics(samples: Iterable[WorkerSample]) -> str:
-    """The exposition text for these workers, per worker and summed."""
+def render_metrics(
+    samples: Iterable[WorkerSample], history: Mapping[str, Any] | None = None
+) -> str:
+    """The exposition text for these workers, per worker and summed, and the
+    figures of the history store (one process's, or the embedded bus keeper's)."""
     workers = sorted(samples, key=lambda sample: sample.worker)
     lines: list[str] = []
 
@@ -137,4 +163,7 @@ def render_metrics(samples: Iterable[WorkerSample]) -> str:
         for key, help_text in _BUS_COUNTERS:
             values = [_number((sample.bus or {}).get(key)) for sample in workers]
             both(f"bus_{key}_total", "counter", help_text, [("", values)])
+    if history is not None:
+        for key, name, kind, help_text in _HISTORY_FIGURES:
+            family(name, kind, help_text, [("", _number(history.get(key)))])
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .history import HistoryStore
 from .metrics import WorkerSample
 from .presence import Presence, local_rows
 
@@ -51,6 +52,19 @@ class Peers(Protocol):
         """Hand ``data`` to the owner of ``client_id``; ``False`` if it is known to be gone."""
         ...
 
+    def publish_logged(self, names: list[str], data: str | bytes, exclude_id: str | None) -> int:
+        """Publish ``data`` to rooms with history (an offset each, from their keeper);
+        returns the deliveries made here at once (0 when they come back over the bus)."""
+        ...
+
+    def recover(self, client: WebSocketClient, name: str, since: tuple[str, int] | None) -> None:
+        """Ask the keeper of ``name``'s history for its position and what a client at
+        ``since`` missed; answer with ``hub.joined`` (now, or when the answer arrives)."""
+
+    def history_figures(self) -> dict[str, int] | None:
+        """The history store's figures for ``/metrics``, ``None`` without one here."""
+        ...
+
     def close_remote(self, client_id: str, code: int, reason: str) -> None:
         """Ask the worker that owns ``client_id`` to close it."""
 
@@ -77,10 +91,33 @@ class Peers(Protocol):
 class LocalPeers:
     """The engine of one process: no other worker, nothing published."""
 
-    __slots__ = ("hub",)
+    __slots__ = ("_store", "hub")
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
+        self._store: HistoryStore | None = None
+
+    @property
+    def store(self) -> HistoryStore:
+        """This process's history (created on first use, with the hub's rules)."""
+        if self._store is None:
+            self._store = HistoryStore(self.hub.history)
+        return self._store
+
+    def publish_logged(self, names: list[str], data: str | bytes, exclude_id: str | None) -> int:
+        count = 0
+        for name in names:
+            publication = self.store.append(name, data)
+            if publication is not None:
+                count += self.hub.deliver_logged(publication, exclude_id)
+        return count
+
+    def recover(self, client: WebSocketClient, name: str, since: tuple[str, int] | None) -> None:
+        joined, missed = self.store.recover(name, since)
+        self.hub.joined(client, joined, missed)
+
+    def history_figures(self) -> dict[str, int] | None:
+        return self._store.figures() if self._store is not None else None
 
     def client_connected(self, client: WebSocketClient) -> None:
         pass

@@ -147,7 +147,8 @@ class HandshakePolicy:
         return {"status": full["status"], "clients": full["clients"]}
 
     def metrics(self) -> str:
-        return render_metrics(self.hub.peers.metrics_samples())
+        peers = self.hub.peers
+        return render_metrics(peers.metrics_samples(), peers.history_figures())
 
     def _deflate_for(self, negotiated: Negotiated) -> PerMessageDeflate:
         """The connection's permessage-deflate: shared when no context is taken over."""
