@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 from enjent.cluster.natsbus import IpcBus, NatsConfig, host_shard_base
 from enjent.server.addresses import AddressTable
+from enjent.server.history import HistoryRules
 from enjent.server.running import tune_allocator
 
 from .httpapi import ApiSettings
@@ -139,6 +140,7 @@ class Arbiter:
         drain_timeout: float = DRAIN_TIMEOUT,
         api: ApiSettings | None = None,
         address_limits: bool = False,
+        history: HistoryRules | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -148,6 +150,8 @@ class Arbiter:
             raise ValueError("drain_timeout must be >= 0")
         self.boot_timeout = boot_timeout
         self.drain_timeout = drain_timeout
+        #: the rooms that keep history (the app's rules at start): the broker's keeper's
+        self.history = history
         #: the HTTP publish API's settings (``--api``), served by a process of its own
         self.api = api
         #: the host's counts per client address, shared with every worker (the app
@@ -371,7 +375,7 @@ class Arbiter:
             for worker in self.workers.values():
                 with contextlib.suppress(OSError):
                     os.close(worker.ready_fd)
-            return broker_main(publish, subscribe, read_fd)
+            return broker_main(publish, subscribe, read_fd, self.history)
 
         pid = self._fork(child)
         os.close(read_fd)
@@ -807,10 +811,12 @@ def run_cluster(
 
         close_timeout = server.close_timeout
         address_limits = server.options.handshake.address_limits is not None
+        history = server.hub.history
     else:
         load_app = app
         close_timeout = 5.0
         address_limits = False
+        history = None
     return Arbiter(
         load_app,
         host,
@@ -823,4 +829,5 @@ def run_cluster(
         boot_timeout=boot_timeout,
         drain_timeout=drain_timeout,
         address_limits=address_limits,
+        history=history,
     ).run()

@@ -4,7 +4,8 @@ Supervisor layer (layer 4). Workers publish to ``in`` (XSUB) and subscribe
 at ``out`` (XPUB); the proxy runs in a thread inside libzmq. The main thread
 reads one-line commands from the supervisor's pipe (``dead SHARD PID PLANNED``) and
 publishes them as :data:`enjent.cluster.bus.Kind.DEAD` envelopes; when the pipe
-closes (the supervisor is gone) the broker exits, so it is never orphaned.
+closes (the supervisor is gone) the broker exits, so it is never orphaned. A
+third thread keeps the history of the rooms that keep one (:mod:`.keeper`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import threading
 import zmq
 
 from enjent.cluster import bus
+from enjent.server.history import HistoryRules
+
+from .keeper import keeper_loop
 
 logger = logging.getLogger("enjent.broker")
 
@@ -26,8 +30,18 @@ logger = logging.getLogger("enjent.broker")
 HIGH_WATER_MARK = 100_000
 
 
-def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int) -> int:
-    """Run the proxy until the control pipe closes; return an exit code."""
+#: The broker's own endpoints for its keeper thread (same process, no socket file).
+KEEPER_IN = "inproc://enjent-keeper-in"
+KEEPER_OUT = "inproc://enjent-keeper-out"
+
+
+def broker_main(
+    publish_endpoint: str,
+    subscribe_endpoint: str,
+    control_fd: int,
+    history: HistoryRules | None = None,
+) -> int:
+    """Run the proxy (and the keeper of room history) until the control pipe closes."""
     # Ctrl-C reaches the whole process group: the broker must outlive the
     # workers' graceful stop (their last messages) and stop at end of file
     if threading.current_thread() is threading.main_thread():
@@ -43,6 +57,8 @@ def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int)
     try:
         xsub.bind(publish_endpoint)
         xpub.bind(subscribe_endpoint)
+        xsub.bind(KEEPER_IN)
+        xpub.bind(KEEPER_OUT)
     except zmq.ZMQError as exc:
         logger.error("broker cannot bind %s / %s: %s", publish_endpoint, subscribe_endpoint, exc)
         return 1
@@ -57,6 +73,13 @@ def broker_main(publish_endpoint: str, subscribe_endpoint: str, control_fd: int)
 
     thread = threading.Thread(target=proxy, name="enjent-broker-proxy", daemon=True)
     thread.start()
+    keeper = threading.Thread(
+        target=keeper_loop,
+        args=(context, history or HistoryRules(), KEEPER_IN, KEEPER_OUT),
+        name="enjent-keeper",
+        daemon=True,
+    )
+    keeper.start()
     announcer = context.socket(zmq.PUB)
     announcer.setsockopt(zmq.LINGER, 200)
     announcer.connect(publish_endpoint)

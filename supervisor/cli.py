@@ -578,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=values["drain_timeout"],
         api=api,
         address_limits=server.options.handshake.address_limits is not None,
+        history=server.hub.history,
     )
     return arbiter.run()
 

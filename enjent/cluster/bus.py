@@ -14,6 +14,8 @@ Topics (short byte prefixes, so ZeroMQ filters upstream):
                        published by workers and the broker only
 ``S<shard>.``          one worker: sends to one of its clients, answers
 ``R<digest>``          the workers with members in a room
+``Q``                  the keeper of room history (in the broker process):
+                       publications to rooms with history, recovery requests
 =====================  ==================================================
 
 Body: ``msgpack([kind, origin, generation, seq, *fields])`` where ``origin``
@@ -47,6 +49,21 @@ Kinds and their fields:
                     ``[client_id, path, connected_at]`` of at most
                     :data:`PART_BYTES`; ``total`` (on the last part) counts
                     every match, rows or not
+``PUBLISH``         ``names, data, exclude_id|None, message_id``, on ``Q``: a room
+                    publication for the keeper (data as published, not a frame):
+                    a room with history gets an offset (``LOGGED``), the others
+                    a ``ROOM`` envelope from the keeper
+``LOGGED``          ``room, epoch, offset, data, exclude_id|None``, from the keeper
+                    on the room's topic: one publication with its position
+``REPLAY_REQ``      ``request_id, reply_shard, reply_generation, room, epoch|None,
+                    offset|None``, on ``Q``: the room's position, and what a client
+                    at ``epoch:offset`` missed
+``REPLAY``          ``request_id, reply_shard, reply_generation, room, epoch, offset,
+                    recovered|None, [[offset, data], ...]``, from the keeper on the
+                    room's topic, so that it arrives after every ``LOGGED`` it
+                    covers and before every one it does not (one sender, one order)
+``KEEPER``          ``figures``, from the keeper on ``H`` once a second: its store's
+                    figures for ``/metrics``
 ==================  ============================================================
 
 Only msgpack crosses the bus (never pickle), unpacked with size limits:
@@ -70,6 +87,7 @@ __all__ = [
     "TOPIC_ALL",
     "TOPIC_CONTROL",
     "TOPIC_HEARTBEAT",
+    "TOPIC_KEEPER",
     "Kind",
     "decode",
     "encode",
@@ -85,6 +103,7 @@ PART_BYTES = 1024 * 1024
 TOPIC_ALL = b"A"
 TOPIC_CONTROL = b"C"
 TOPIC_HEARTBEAT = b"H"
+TOPIC_KEEPER = b"Q"
 
 #: The largest sequence number accepted (a counter that never reaches it honestly).
 MAX_SEQ = (1 << 53) - 1
@@ -112,6 +131,11 @@ class Kind(enum.IntEnum):
     DEAD = 16
     PRESENCE_REQ = 17
     PRESENCE = 18
+    PUBLISH = 19
+    LOGGED = 20
+    REPLAY_REQ = 21
+    REPLAY = 22
+    KEEPER = 23
 
 
 #: The number of fields after the header, per kind (shape check on decode).
@@ -125,6 +149,11 @@ _FIELD_COUNTS = {
     Kind.DEAD: 3,
     Kind.PRESENCE_REQ: 5,
     Kind.PRESENCE: 5,
+    Kind.PUBLISH: 4,
+    Kind.LOGGED: 5,
+    Kind.REPLAY_REQ: 6,
+    Kind.REPLAY: 8,
+    Kind.KEEPER: 1,
 }
 
 

@@ -41,6 +41,7 @@ from ..exceptions import BusError
 from ..frames import CloseCode
 from ..protocol import OutgoingMessage
 from ..server.connection import DELIVERY_BUDGET
+from ..server.history import Joined, Publication
 from ..server.ids import ClientIds
 from ..server.logs import RepeatedLog
 from ..server.metrics import WorkerSample
@@ -78,6 +79,7 @@ COUNTER_NAMES = (
     "late_peers",
     "presence_failures",
     "presence_refused",
+    "replay_timeouts",
 )
 #: A sequence number further ahead than this is a reset (or a forgery), not a gap.
 MAX_GAP = 1_000_000
@@ -103,7 +105,19 @@ _KIND_TOPICS = {
     Kind.HEARTBEAT: b"H",
     Kind.HELLO: b"H",
     Kind.DEAD: b"H",
+    Kind.PUBLISH: b"Q",
+    Kind.REPLAY_REQ: b"Q",
+    Kind.LOGGED: b"R",
+    Kind.REPLAY: b"R",
+    Kind.KEEPER: b"H",
 }
+#: Kinds only the keeper of room history (the broker process) publishes.
+_FROM_KEEPER = (Kind.LOGGED, Kind.REPLAY, Kind.KEEPER)
+#: Seconds before a recovery request is asked again (then twice that, ...), and given up.
+REPLAY_RETRY = 0.2
+REPLAY_DEADLINE = 3.0
+#: The most joins of rooms with history one worker may have waiting for the keeper.
+MAX_REPLAYS = 10_000
 
 
 class _TokenBucket:
@@ -163,6 +177,18 @@ class Peer:
     stats: dict[str, Any] = field(default_factory=dict)
     last_heartbeat: float = 0.0
     late: bool = False
+
+
+@dataclass
+class _Replay:
+    """A join of a room with history waiting for the keeper's answer."""
+
+    client: Any
+    room: str
+    since: tuple[str, int] | None
+    deadline: float
+    asked_at: float = 0.0
+    attempts: int = 0
 
 
 @dataclass
@@ -228,6 +254,11 @@ class BusEngine:
         self._dead: collections.deque[tuple[int, str]] = collections.deque(maxlen=256)
         self._queries_asked = _TokenBucket(PRESENCE_QUERIES_PER_SECOND)
         self._answers = _TokenBucket(PRESENCE_ANSWERS_PER_SECOND)
+        self._replays: dict[int, _Replay] = {}
+        self._replay_id = 0
+        self._replay_timer: asyncio.TimerHandle | None = None
+        #: the keeper's figures (``enjent_history_*``), from its last KEEPER envelope
+        self._keeper_figures: dict[str, int] | None = None
 
     # ------------------------------------------------------ the transport
 
@@ -256,6 +287,9 @@ class BusEngine:
         for query in self._queries.values():
             if not query.done.done():
                 query.done.set_result(None)
+        if self._replay_timer is not None:
+            self._replay_timer.cancel()
+            self._replay_timer = None
 
     async def close(self) -> None:
         """Stop (a transport also closes its connection)."""
@@ -304,6 +338,94 @@ class BusEngine:
             self._publish(
                 bus.room_topic(name), Kind.ROOM, names, frame, exclude_id, self._room_message_id
             )
+
+    # ------------------------------------------------- rooms with history
+
+    def publish_logged(self, names: list[str], data: str | bytes, exclude_id: str | None) -> int:
+        """To the keeper, which gives each room its next offset and publishes ``LOGGED``
+        on the room's topic: this worker's members get it from there, like every other."""
+        self._room_message_id += 1
+        self._publish(
+            bus.TOPIC_KEEPER, Kind.PUBLISH, names, data, exclude_id, self._room_message_id
+        )
+        return 0
+
+    def recover(self, client: Any, name: str, since: tuple[str, int] | None) -> None:
+        """Ask the keeper; :meth:`_on_replay` completes the join (or the deadline does)."""
+        now = time.monotonic()
+        if len(self._replays) >= MAX_REPLAYS:
+            self.counters["replay_timeouts"] += 1
+            self.hub.joined(client, _unanswered(name, since), [])
+            return
+        self._replay_id += 1
+        replay = _Replay(client, name, since, now + REPLAY_DEADLINE)
+        self._replays[self._replay_id] = replay
+        self._ask(self._replay_id, replay)
+        if self._replay_timer is None:
+            loop = asyncio.get_running_loop()
+            self._replay_timer = loop.call_later(REPLAY_RETRY, self._replay_tick)
+
+    def _ask(self, request_id: int, replay: _Replay) -> None:
+        replay.asked_at = time.monotonic()
+        replay.attempts += 1
+        epoch, offset = replay.since if replay.since is not None else (None, None)
+        self._publish(
+            bus.TOPIC_KEEPER,
+            Kind.REPLAY_REQ,
+            request_id,
+            self.shard,
+            self.generation,
+            replay.room,
+            epoch,
+            offset,
+        )
+
+    def _replay_tick(self) -> None:
+        """One timer for every waiting join: ask again (the room's subscription may not
+        have reached the broker in time for the answer), or give up at the deadline."""
+        self._replay_timer = None
+        now = time.monotonic()
+        for request_id, replay in list(self._replays.items()):
+            if now >= replay.deadline:
+                del self._replays[request_id]
+                self.counters["replay_timeouts"] += 1
+                self._refusals("no answer from the history keeper for room %r", replay.room)
+                self.hub.joined(replay.client, _unanswered(replay.room, replay.since), [])
+            elif now - replay.asked_at >= REPLAY_RETRY * replay.attempts:
+                self._ask(request_id, replay)
+        if self._replays:
+            loop = asyncio.get_running_loop()
+            self._replay_timer = loop.call_later(REPLAY_RETRY, self._replay_tick)
+
+    def _on_replay(self, fields: list[Any]) -> None:
+        request_id, reply_shard, reply_generation, room, epoch, offset, recovered, items = fields
+        if reply_shard != self.shard or reply_generation != self.generation:
+            return  # another worker's (every worker with members in the room hears it)
+        replay = self._replays.get(int(request_id))
+        if replay is None or replay.room != room:
+            return  # answered already (a request asked twice), or given up
+        if epoch is None:  # the keeper keeps no history of this room (other rules)
+            del self._replays[int(request_id)]
+            self.hub.joined(replay.client, _unanswered(room, replay.since), [])
+            return
+        if not isinstance(epoch, str) or not isinstance(items, list):
+            raise BusError("REPLAY envelope: bad epoch or items")
+        if recovered not in (None, True, False):
+            raise BusError("REPLAY envelope: bad recovered flag")
+        missed = []
+        for item in items:
+            number, data = item
+            if not isinstance(data, str | bytes):
+                raise BusError("REPLAY envelope: data must be str or bytes")
+            missed.append(Publication(room, epoch, int(number), data))
+        del self._replays[int(request_id)]
+        flag = None if replay.since is None else bool(recovered)
+        joined = Joined(room, epoch, int(offset), flag, len(missed))
+        self.hub.joined(replay.client, joined, missed)
+
+    def history_figures(self) -> dict[str, int] | None:
+        """The keeper's figures, from its last report (``None`` before one)."""
+        return self._keeper_figures
 
     def _owner(self, client_id: str) -> int | None:
         """The shard of another worker that may hold ``client_id``; ``None`` if known gone."""
@@ -605,9 +727,9 @@ class BusEngine:
             return
         if topic[:1] != _KIND_TOPICS[kind]:
             raise BusError(f"{kind.name} envelope on the wrong topic")
-        if kind is Kind.DEAD:
+        if kind is Kind.DEAD or kind in _FROM_KEEPER:
             if origin != bus.BROKER_ORIGIN or not self.trusts_dead:
-                raise BusError("DEAD envelope from someone other than this host's supervisor")
+                raise BusError(f"{kind.name} envelope from someone other than this host's broker")
         elif kind is Kind.HEARTBEAT or kind is Kind.HELLO:
             if origin < 0:
                 raise BusError(f"{kind.name} envelope from a non-worker")
@@ -668,6 +790,19 @@ class BusEngine:
             self._answer_presence(fields)
         elif kind is Kind.PRESENCE:
             self._on_presence(origin, fields)
+        elif kind is Kind.LOGGED:
+            room, epoch, offset, data, exclude_id = fields
+            if not isinstance(room, str) or not isinstance(epoch, str):
+                raise BusError("LOGGED envelope: room and epoch must be str")
+            if not isinstance(data, str | bytes):
+                raise BusError("LOGGED envelope: data must be str or bytes")
+            excluded = exclude_id if isinstance(exclude_id, str) else None
+            hub.deliver_logged(Publication(room, epoch, int(offset), data), excluded)
+        elif kind is Kind.REPLAY:
+            self._on_replay(fields)
+        elif kind is Kind.KEEPER:
+            figures = _stats({"history": fields[0]}).get("history")
+            self._keeper_figures = figures if figures else None
 
     def _peer(self, shard: int, generation: str) -> Peer | None:
         """The record of ``shard`` in ``generation``; ``None`` when it is not believed.
@@ -790,6 +925,11 @@ class BusEngine:
         if task is None or task.done():
             return False
         return time.monotonic() - self._ticked_at < 3 * self.heartbeat_interval + 1.0
+
+
+def _unanswered(room: str, since: tuple[str, int] | None) -> Joined:
+    """A join the keeper did not answer: no position, not recovered (if asked)."""
+    return Joined(room, None, None, None if since is None else False)
 
 
 def _stats(value: Any) -> dict[str, Any]:

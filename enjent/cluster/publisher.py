@@ -457,12 +457,26 @@ class AsyncPublisher:
     async def publish_rooms(
         self, names: tuple[str, ...], data: str | bytes, *, exclude: str | None = None
     ) -> None:
-        """What :meth:`PublisherRoom.broadcast` does: one envelope on each room's topic."""
+        """What :meth:`PublisherRoom.broadcast` does.
+
+        On the embedded bus one envelope goes to the keeper (in the broker
+        process), which gives each room that keeps history its next offset and
+        forwards the others: a publisher does not need to know the app's rules.
+        On NATS one envelope goes on each room's topic.
+        """
         for name in names:
             self.check_room(name)
-        frame = self.frame_of(data)
         self._message_id += 1
         listed = list(names)
+        if isinstance(self._transport, _ZmqTransport):
+            self.check_message(data)
+            if not isinstance(data, str):
+                data = bytes(data)
+            await self._publish(
+                bus.TOPIC_KEEPER, Kind.PUBLISH, listed, data, exclude, self._message_id
+            )
+            return
+        frame = self.frame_of(data)
         for name in names:
             await self._publish(
                 bus.room_topic(name), Kind.ROOM, listed, frame, exclude, self._message_id

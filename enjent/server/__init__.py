@@ -24,6 +24,7 @@ from __future__ import annotations
 from .addresses import AddressLimits
 from .app import WebSocketServer
 from .client import WebSocketClient
+from .history import HistorySettings, Joined, Publication
 from .hub import Hub
 from .options import HandshakeOptions, Limits, ServerOptions, Timeouts
 from .peers import LocalPeers, Peers
@@ -44,11 +45,14 @@ __all__ = [
     "ClientInfo",
     "HandshakeHook",
     "HandshakeOptions",
+    "HistorySettings",
     "Hub",
+    "Joined",
     "Limits",
     "LocalPeers",
     "Peers",
     "Presence",
+    "Publication",
     "Response",
     "Room",
     "RoomUnion",

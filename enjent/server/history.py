@@ -28,7 +28,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = [
     "MAX_REPLAY",
@@ -308,9 +311,7 @@ class HistoryStore:
 
     # ------------------------------------------------------------ recover
 
-    def recover(
-        self, room: str, since: tuple[str, int] | None
-    ) -> tuple[Joined, list[Publication]]:
+    def recover(self, room: str, since: tuple[str, int] | None) -> tuple[Joined, list[Publication]]:
         """The room's position, and what a client at ``since`` missed (if all of it is here).
 
         ``since`` as :func:`parse_since` returns it. The room's record is
@@ -360,7 +361,7 @@ def identity(publication: Publication) -> str | bytes:
 class RememberingRooms:
     """The history part of :class:`~enjent.WebSocketServer`'s API (a mix-in)."""
 
-    hub: Any
+    hub: Hub
 
     def keep_history(
         self,

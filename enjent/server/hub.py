@@ -252,6 +252,8 @@ class Hub:
         self, names: list[str], data: str | bytes, exclude: WebSocketClient | None
     ) -> int:
         """``data`` to rooms with history: each gets its next offset (in the peers)."""
+        if not isinstance(data, str | bytes):
+            data = bytes(data)  # kept as published: a bytearray could change afterwards
         return self.peers.publish_logged(names, data, exclude.id if exclude is not None else None)
 
     def deliver_logged(self, publication: Publication, exclude_id: str | None) -> int:
