@@ -15,7 +15,8 @@ started. It is the one sequencer of those rooms:
   topic, the keeper's order is the order every worker sees (ZeroMQ keeps one
   sender's order through the proxy): what the replay covers arrived before
   it, what it does not comes after it. No gap and no duplicate at the seam.
-- once a second, TTL eviction and a ``KEEPER`` envelope with its figures.
+- once a second, TTL eviction and, when they changed (else every 30 s), a
+  ``KEEPER`` envelope with its figures; none when no room keeps history.
 
 Costs: one more hop (inproc) for a publication to a room with history, and
 the store's memory in the broker process (bounded by the rules' global bound).
@@ -46,6 +47,8 @@ logger = logging.getLogger("enjent.keeper")
 #: The most rooms one publication may name, and the longest name taken (bytes).
 MAX_NAMES = 256
 MAX_NAME_BYTES = 4096
+#: Seconds between two reports of unchanged figures (changed ones: within a second).
+REPORT_INTERVAL = 30.0
 #: The largest replay envelope sent (a replay over it says recovered=False).
 MAX_REPLAY_BODY = bus.MAX_BODY - 64 * 1024
 
@@ -60,6 +63,7 @@ class Keeper:
         self._seq: dict[bytes, int] = {}
         self._message_id = 0
         self.malformed = 0
+        self._reported: dict[str, int] = {}
         self._malformed_log = RepeatedLog(logger, logging.WARNING)
 
     def _envelope(self, topic: bytes, kind: Kind, *fields: Any) -> tuple[bytes, bytes]:
@@ -162,10 +166,14 @@ class Keeper:
             )
         return [reply]
 
-    def report(self) -> tuple[bytes, bytes]:
-        """The ``KEEPER`` envelope with this store's figures (after TTL eviction)."""
+    def report(self, *, force: bool = True) -> tuple[bytes, bytes] | None:
+        """The ``KEEPER`` envelope with this store's figures (after TTL eviction);
+        ``None`` when they did not change since the last one and ``force`` is false."""
         self.store.expire()
         figures = {**self.store.figures(), "malformed": self.malformed}
+        if not force and figures == self._reported:
+            return None
+        self._reported = figures
         return self._envelope(bus.TOPIC_HEARTBEAT, Kind.KEEPER, figures)
 
 
@@ -187,7 +195,7 @@ def keeper_loop(
         sub.connect(outbound)
         sub.setsockopt(zmq.SUBSCRIBE, bus.TOPIC_KEEPER)
         pub.connect(inbound)
-        reported_at = time.monotonic()
+        checked_at = reported_at = time.monotonic()
         while True:
             if sub.poll(1000):
                 for _ in range(1024):  # a batch, then the report if due
@@ -201,9 +209,12 @@ def keeper_loop(
                         for envelope in keeper.handle(body):
                             pub.send_multipart(envelope)
             now = time.monotonic()
-            if now - reported_at >= 1.0:
-                reported_at = now
-                pub.send_multipart(keeper.report())
+            if rules and now - checked_at >= 1.0:  # figures when they change, else twice a minute
+                checked_at = now
+                report = keeper.report(force=now - reported_at >= REPORT_INTERVAL)
+                if report is not None:
+                    reported_at = now
+                    pub.send_multipart(report)
     except zmq.ContextTerminated:
         pass
     except zmq.ZMQError as exc:  # pragma: no cover - only on context teardown

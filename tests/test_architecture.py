@@ -214,6 +214,7 @@ def test_the_load_generator_never_imports_enjent() -> None:
     benches = {
         "publish_app.py",
         "publish_bench.py",
+        "history_app.py",
         "parser_bench.py",
         "room_bench.py",
         "deflate_memory.py",

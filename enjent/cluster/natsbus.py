@@ -285,6 +285,11 @@ class NatsEngine(BusEngine):
         (``dropped``), as in any outage. Raises :class:`BusError` only for
         settings nats-py refuses outright.
         """
+        if self.hub.history:
+            raise BusError(
+                "rooms that keep history (keep_history) are not available on NATS yet: "
+                "run them on one process or on the embedded bus (one host)"
+            )
         from nats.aio.client import Client  # layer 3's optional engine: only when asked for
 
         loop = asyncio.get_running_loop()

@@ -1,9 +1,8 @@
 """The application's server: :class:`WebSocketServer`, the front object.
 
-Server layer (layer 2 of docs/architecture.md). It takes the options,
-registers the handlers, starts and stops listening, and wires together the parts
-that do the work (options, handlers, handshake policy, hub, connections, sweep,
-history: see :mod:`enjent.server`). A worker plugs its bus engine in with :meth:`attach_peers`.
+Server layer (layer 2 of docs/architecture.md). It takes the options, registers the
+handlers, starts and stops listening, and wires together the parts that do the work
+(options, handlers, policy, hub, connections, sweep, history: see :mod:`enjent.server`).
 """
 
 from __future__ import annotations
