@@ -620,7 +620,13 @@ class FrameStream(RuleBasedStateMachine):
         compress = compress and self.deflate
         wire = raw_deflate(payload) if compress else payload
         pieces = split(wire, parts)
-        too_big = max(len(payload), len(wire)) > self.limit
+        # the limit is on the message as inflated; on the wire a compressed frame may
+        # take deflate's worst case over it (zlib's conservative deflateBound plus room
+        # for block headers and the sync tail): a message of exactly the limit passes
+        bound = self.limit + ((self.limit + 7) >> 3) + ((self.limit + 63) >> 6) + 64
+        too_big = len(payload) > self.limit or (
+            compress and max(len(piece) for piece in pieces) > bound
+        )
         for index, piece in enumerate(pieces):
             # (a ping only inside messages within the limit: in the others, where
             # the 1009 falls relative to it depends on the compressed sizes)
