@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from clusterutil import REPO_ROOT, Cluster, free_port, wait_for
 from enjent_supervisor.keeper import Keeper
+from natsutil import cluster_on_nats
 from websockets.asyncio.client import ClientConnection, connect
 
 from enjent import Joined, WebSocketServer
@@ -312,12 +313,20 @@ async def joined(client: Feed, room: str, recovered: bool | None) -> tuple[str, 
     return message["epoch"], message["offset"]
 
 
-async def expect_pubs(client: Feed, room: str, epoch: str, offsets: range, data: list[str]) -> None:
+async def expect_pubs(
+    client: Feed, room: str, epoch: str, offsets: range, data: list[str], *, contiguous: bool = True
+) -> list[int]:
+    """The next ``len(offsets)`` messages: these publications, in order. On NATS the
+    offsets (JetStream's sequence) only increase, from ``offsets.start`` on."""
     got = [await client.next() for _ in offsets]
-    assert [(m["type"], m["room"], m["epoch"], m["offset"]) for m in got] == [
-        ("pub", room, epoch, offset) for offset in offsets
-    ]
+    assert [(m["type"], m["room"], m["epoch"]) for m in got] == [("pub", room, epoch)] * len(got)
+    numbers = [m["offset"] for m in got]
+    if contiguous:
+        assert numbers == list(offsets)
+    else:
+        assert numbers == sorted(set(numbers)) and numbers[0] >= offsets.start, numbers
     assert [m["data"] for m in got] == data
+    return numbers
 
 
 async def miss_and_recover(
@@ -330,6 +339,7 @@ async def miss_and_recover(
     back_on: str | None = None,
     watcher_on: str | None = None,
     drop: Any = None,
+    contiguous: bool = True,
 ) -> None:
     """A client at a position misses ``count`` publications, comes back, gets exactly them.
 
@@ -343,14 +353,16 @@ async def miss_and_recover(
     await (drop(missing) if drop is not None else missing.close())
     sent = [f"{room}-{index}" for index in range(count)]
     await publish(sent)
-    await expect_pubs(watcher, room, epoch, range(offset + 1, offset + count + 1), sent)
+    span = range(offset + 1, offset + count + 1)
+    seen = await expect_pubs(watcher, room, epoch, span, sent, contiguous=contiguous)
     back = await feed(port, room, f"{epoch}:{offset}", worker=back_on)
-    assert (await joined(back, room, True)) == (epoch, offset + count)
-    await expect_pubs(back, room, epoch, range(offset + 1, offset + count + 1), sent)
+    assert (await joined(back, room, True)) == (epoch, seen[-1])
+    assert await expect_pubs(back, room, epoch, span, sent, contiguous=contiguous) == seen
     await watcher.publish("live")
-    await expect_pubs(back, room, epoch, range(offset + count + 1, offset + count + 2), ["live"])
+    live = range(seen[-1] + 1, seen[-1] + 2)
+    await expect_pubs(back, room, epoch, live, ["live"], contiguous=contiguous)
     assert await back.quiet() == []  # no duplicate
-    await expect_pubs(watcher, room, epoch, range(offset + count + 1, offset + count + 2), ["live"])
+    await expect_pubs(watcher, room, epoch, live, ["live"], contiguous=contiguous)
     await back.close()
     await watcher.close()
 
@@ -439,15 +451,25 @@ def test_one_process_past_the_ttl_and_after_a_restart() -> None:
 # ------------------------------------------------------- two workers, one bus
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[Cluster, str]]:
-    directory = os.path.join(tempfile.mkdtemp(prefix="ejh-"), "bus")
-    bus_url = f"ipc://{directory}"
-    with Cluster(
-        workers=2, app="tests.feed_app:server", args=["--bus", bus_url, "--drain-timeout", "2"]
-    ) as running:
-        running.wait_ready()
-        yield running, bus_url
+@pytest.fixture(params=["zmq", "nats"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, str, bool]]:
+    """The feed on two workers: the embedded bus at a stable address, or NATS with
+    JetStream (a nats-server -js of its own). The third item: whether offsets go by one
+    (the keeper's) or only increase (JetStream's sequence, shared by every room)."""
+    if request.param == "zmq":
+        directory = os.path.join(tempfile.mkdtemp(prefix="ejh-"), "bus")
+        bus_url = f"ipc://{directory}"
+        args = ["--bus", bus_url, "--drain-timeout", "2"]
+        with Cluster(workers=2, app="tests.feed_app:server", args=args) as running:
+            running.wait_ready()
+            yield running, bus_url, True
+    else:
+        store = tempfile.mkdtemp(prefix="ejjs-")
+        config = f"jetstream {{ store_dir: {json.dumps(store)} }}\n"
+        with cluster_on_nats(
+            config, {"ENJENT_DRAIN_TIMEOUT": "2"}, app="tests.feed_app:server"
+        ) as (running, bus_url):
+            yield running, bus_url, False
 
 
 @contextlib.asynccontextmanager
@@ -459,9 +481,9 @@ async def publisher(bus_url: str) -> AsyncIterator[Any]:
 
 
 def test_two_workers_recover_from_clients_and_a_publisher_on_the_other_worker(
-    cluster: tuple[Cluster, str],
+    cluster: tuple[Cluster, str, bool],
 ) -> None:
-    running, bus_url = cluster
+    running, bus_url, contiguous = cluster
 
     async def main() -> None:
         async with publisher(bus_url) as pub:
@@ -477,31 +499,43 @@ def test_two_workers_recover_from_clients_and_a_publisher_on_the_other_worker(
                     assert (await other.next())["data"] == data  # one at a time: in order
                 await other.close()
 
-            await miss_and_recover(running.port, "news", half_and_half, worker="0", back_on="1")
-            # the metrics path shows the keeper's figures (from its report, once a second)
-            for _ in range(40):
+            await miss_and_recover(
+                running.port, "news", half_and_half, worker="0", back_on="1", contiguous=contiguous
+            )
+            # /metrics: the joins by outcome (every worker's, from the heartbeats), and
+            # on the embedded bus the keeper's figures (reported when they change)
+            wanted = ['enjent_cluster_history_joins_total{outcome="recovered"} 1\n']
+            if contiguous:
+                wanted += ["enjent_history_messages 31\n", "enjent_history_appended_total 31\n"]
+            for _ in range(50):
                 text = await asyncio.to_thread(_get, running.port, "/metrics")
-                if "enjent_history_messages 31" in text:
+                if all(line in text for line in wanted):
                     break
                 await asyncio.sleep(0.1)
-            assert "enjent_history_messages 31\n" in text, text[-1500:]
-            assert "enjent_history_appended_total 31\n" in text
-            # not recoverable on a cluster either: garbage, past size and TTL of small:*
-            client = await feed(running.port, "news", "junk:junk")
-            await joined(client, "news", False)
-            await client.close()
+            assert all(line in text for line in wanted), text[-3000:]
+            # not recoverable on a cluster either: garbage, another epoch, past size and TTL
+            for since in ("junk:junk", "other-epoch:1"):
+                client = await feed(running.port, "news", since)
+                await joined(client, "news", False)
+                await client.close()
             watcher = await feed(running.port, "small:a")
             epoch, offset = await joined(watcher, "small:a", None)
-            for index in range(6):
-                await pub.room("small:a").broadcast(str(index))
-            for _ in range(6):
-                await watcher.next()
-            late = await feed(running.port, "small:a", f"{epoch}:{offset}")
-            assert (await joined(late, "small:a", False)) == (epoch, offset + 6)
+            sent = [str(index) for index in range(6)]
+            for data in sent:
+                await pub.room("small:a").broadcast(data)
+            span = range(offset + 1, offset + 7)
+            seen = await expect_pubs(watcher, "small:a", epoch, span, sent, contiguous=contiguous)
+            late = await feed(running.port, "small:a", f"{epoch}:{offset}")  # 6 missed, 5 kept
+            assert (await joined(late, "small:a", False)) == (epoch, seen[-1])
             await late.close()
-            await asyncio.sleep(1.2)
-            late = await feed(running.port, "small:a", f"{epoch}:{offset + 5}")
-            assert (await joined(late, "small:a", False)) == (epoch, offset + 6)
+            late = await feed(running.port, "small:a", f"{epoch}:{seen[-2]}")  # 1 missed: fine
+            assert (await joined(late, "small:a", True)) == (epoch, seen[-1])
+            await expect_pubs(late, "small:a", epoch, span[-1:], ["5"], contiguous=contiguous)
+            await late.close()
+            await asyncio.sleep(1.3)  # past the TTL (1 s) of small:*
+            late = await feed(running.port, "small:a", f"{epoch}:{seen[-2]}")
+            assert (await joined(late, "small:a", False)) == (epoch, seen[-1])
+            assert await late.quiet(0.2) == []
             await late.close()
             await watcher.close()
 
@@ -516,9 +550,9 @@ def _get(port: int, path: str) -> str:
 
 
 def test_history_survives_a_worker_killed_and_a_rolling_restart(
-    cluster: tuple[Cluster, str],
+    cluster: tuple[Cluster, str, bool],
 ) -> None:
-    running, bus_url = cluster
+    running, bus_url, contiguous = cluster
 
     async def main() -> None:
         async with publisher(bus_url) as pub:
@@ -534,7 +568,13 @@ def test_history_survives_a_worker_killed_and_a_rolling_restart(
                     await pub.room("deploy").broadcast(data)
 
             await miss_and_recover(
-                running.port, "deploy", published, worker="0", watcher_on="1", drop=killed
+                running.port,
+                "deploy",
+                published,
+                worker="0",
+                watcher_on="1",
+                drop=killed,
+                contiguous=contiguous,
             )
             running.wait_ready()
 
@@ -551,49 +591,57 @@ def test_history_survives_a_worker_killed_and_a_rolling_restart(
             back = await feed(running.port, "deploy", f"{epoch}:{offset}")
             # the keeper may answer before the last publications reach it: those
             # follow live; either way, each once and in order
-            top = (await joined(back, "deploy", True))[1]
-            assert offset < top <= offset + 30
-            await expect_pubs(back, "deploy", epoch, range(offset + 1, offset + 31), sent)
+            assert (await joined(back, "deploy", True))[1] > offset
+            span = range(offset + 1, offset + 31)
+            await expect_pubs(back, "deploy", epoch, span, sent, contiguous=contiguous)
             assert await back.quiet() == []
             await back.close()
+            if contiguous:  # the broker process (the keeper) killed: the history is gone
+                os.kill(running.broker_pid(), signal.SIGKILL)
+                await asyncio.sleep(1.0)
+                again = await feed(running.port, "deploy", f"{epoch}:{offset + 30}")
+                new_epoch, _ = await joined(again, "deploy", False)
+                assert new_epoch != epoch
+                await again.close()
 
     asyncio.run(main())
 
 
 def test_a_burst_during_the_replay_loses_and_duplicates_nothing(
-    cluster: tuple[Cluster, str],
+    cluster: tuple[Cluster, str, bool],
 ) -> None:
-    running, bus_url = cluster
+    running, bus_url, contiguous = cluster
 
     async def main() -> None:
         async with publisher(bus_url) as pub:
             watcher = await feed(running.port, "big:burst")
             epoch, offset = await joined(watcher, "big:burst", None)
-            for index in range(100):
-                await pub.room("big:burst").broadcast(f"before-{index}")
+            expected = [f"before-{index}" for index in range(100)]
+            for data in expected:
+                await pub.room("big:burst").broadcast(data)
 
-            async def burst() -> None:
+            async def burst(round: int) -> None:
                 for index in range(250):  # 100 + 3 x 250: under the 1000 a replay may carry
-                    await pub.room("big:burst").broadcast(f"during-{index}")
+                    await pub.room("big:burst").broadcast(f"during-{round}-{index}")
                     if index % 20 == 0:
                         await asyncio.sleep(0)
 
             clients = []
-            for _ in range(3):  # several recoveries while the burst runs
-                task = asyncio.create_task(burst())
+            for round in range(3):  # several recoveries while a burst runs
+                task = asyncio.create_task(burst(round))
                 clients.append(await feed(running.port, "big:burst", f"{epoch}:{offset}"))
                 await task
+                expected += [f"during-{round}-{index}" for index in range(250)]
             for client in clients:
                 first = await client.next()
                 assert first["type"] == "joined" and first["recovered"] is True, first
-                top = first["offset"]
-                offsets = [
-                    m["offset"] for m in [await client.next(10) for _ in range(top - offset)]
-                ]
-                assert offsets == list(range(offset + 1, top + 1))
-                total = offset + 100 + 250 * len(clients)
-                rest = [(await client.next(10))["offset"] for _ in range(total - top)]
-                assert rest == list(range(top + 1, total + 1))
+                got = [await client.next(10) for _ in expected]
+                assert [m["data"] for m in got] == expected  # replay then live: no gap, no dup
+                offsets = [m["offset"] for m in got]
+                assert offsets == sorted(set(offsets)) and offsets[0] > offset
+                assert first["offset"] in offsets or first["offset"] == offset
+                if contiguous:
+                    assert offsets == list(range(offset + 1, offset + 1 + len(expected)))
                 assert await client.quiet(0.2) == []
                 await client.close()
             await watcher.close()

@@ -49,9 +49,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..exceptions import BusError
+from ..server.history import Joined
 from ..server.logs import RepeatedLog
 from . import bus
 from .engine import BusEngine
+from .jetstream import JetStreamHistory
 
 if TYPE_CHECKING:
     from ..server.hub import Hub
@@ -257,6 +259,8 @@ class NatsEngine(BusEngine):
         self._nc: Any = None
         self._connected = False
         self._budget_end = 0
+        #: rooms that keep history: JetStream's (made once connected)
+        self._history = JetStreamHistory(self) if hub.history else None
 
     # ---------------------------------------------------------- subjects
 
@@ -285,11 +289,6 @@ class NatsEngine(BusEngine):
         (``dropped``), as in any outage. Raises :class:`BusError` only for
         settings nats-py refuses outright.
         """
-        if self.hub.history:
-            raise BusError(
-                "rooms that keep history (keep_history) are not available on NATS yet: "
-                "run them on one process or on the embedded bus (one host)"
-            )
         from nats.aio.client import Client  # layer 3's optional engine: only when asked for
 
         loop = asyncio.get_running_loop()
@@ -342,6 +341,8 @@ class NatsEngine(BusEngine):
             raise BusError(f"cannot connect to NATS at {servers}: {detail}") from None
         self._nc = nc
         self._connected = True
+        if self._history is not None:
+            await self._history.start(nc)
         for topic in list(self._wanted):
             await self._do_subscribe(topic)
         self._wakeup.set()
@@ -362,6 +363,8 @@ class NatsEngine(BusEngine):
     async def close(self) -> None:
         """Stop the heartbeat, send what is queued (bounded), close the connection."""
         await self._stop_heartbeats()
+        if self._history is not None:
+            await self._history.close()
         if self._connector is not None:
             self._connector.cancel()
             with contextlib.suppress(asyncio.CancelledError, BusError):
@@ -383,6 +386,47 @@ class NatsEngine(BusEngine):
             except Exception as exc:  # a dead server must not hang the stop
                 logger.debug("closing the NATS connection: %s", exc)
             self._nc = None
+
+    # -------------------------------------------------- rooms with history
+
+    @property
+    def nc(self) -> Any:
+        """The NATS connection (``None`` before the first one)."""
+        return self._nc
+
+    def publish_logged(self, names: list[str], data: str | bytes, exclude_id: str | None) -> int:
+        """To JetStream: the stream numbers it and republishes it to the members' workers."""
+        if self._history is None:
+            return 0
+        self._history.publish(names, data, exclude_id)
+        return 0
+
+    def queue_history(self, subject: str, payload: bytes) -> None:
+        """One JetStream publish, in order with this worker's other messages."""
+        if self._nc is None or len(self._outbox) >= self.max_pending:
+            self.counters["dropped"] += 1
+            return
+        self._outbox.append(("js", (subject, payload)))
+        self._wakeup.set()
+
+    def recover(self, client: Any, name: str, since: tuple[str, int] | None) -> None:
+        if self._history is None:
+            self.hub.joined(client, Joined(name, None, None, None if since is None else False), [])
+            return
+        self._history.recover(client, name, since)
+
+    def room_deleted(self, name: str) -> None:
+        super().room_deleted(name)
+        if self._history is not None:
+            self._history.room_deleted(name)
+
+    def spawn_unsubscribe(self, subscription: Any) -> None:
+        """Unsubscribe in the publisher task's order (a subscription of the history's)."""
+        self._outbox.append(("-", subscription))
+        self._wakeup.set()
+
+    def history_figures(self) -> dict[str, int] | None:
+        return self._history.figures if self._history is not None else None
 
     # --------------------------------------------------------- transport
 
@@ -428,8 +472,15 @@ class NatsEngine(BusEngine):
                 try:
                     if subject == "+":
                         await self._do_subscribe(payload)
+                    elif subject == "js":
+                        assert self._history is not None
+                        await self._history.send(*payload)
                     elif subject == "-":
-                        subscription = self._subscriptions.pop(payload, None)
+                        subscription = (
+                            self._subscriptions.pop(payload, None)
+                            if isinstance(payload, bytes)
+                            else payload
+                        )
                         if hasattr(subscription, "unsubscribe"):  # not a claim in progress
                             await subscription.unsubscribe()
                     else:

@@ -38,6 +38,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+import msgpack
+
 from ..exceptions import BusError, EnjentError, RoomLimitError
 from ..frames import CloseCode
 from ..protocol import OutgoingMessage
@@ -45,6 +47,7 @@ from ..server.ids import ClientIds
 from ..server.presence import Presence, check_query
 from . import bus
 from .bus import Kind
+from .jetstream import history_subject, read_rules, stream_name
 from .natsbus import IpcBus, NatsConfig, parse_bus, subject_of
 
 __all__ = ["AsyncPublisher", "MessageTooBigError", "Publisher", "PublisherRoom"]
@@ -206,6 +209,8 @@ class _NatsTransport(_Transport):
     def __init__(self, config: NatsConfig) -> None:
         self.config = config
         self._nc: Any = None
+        self._rules: tuple[set[str], list[str]] = (set(), [])
+        self._rules_at = -100.0
 
     async def start(self, topics: tuple[bytes, ...], timeout: float) -> None:
         from nats.aio.client import Client
@@ -263,6 +268,35 @@ class _NatsTransport(_Transport):
                     raise BusError(f"NATS took nothing for {timeout:g}s (buffer full)") from None
                 with contextlib.suppress(Exception):
                     await self._nc.flush(timeout=max(0.1, left))
+
+    async def history_rooms(self, names: tuple[str, ...], timeout: float) -> list[str]:
+        """Which of ``names`` keep history, per the rules in the JetStream stream's
+        metadata (read again when 10 s old; none when there is no such stream)."""
+        now = time.monotonic()
+        if now - self._rules_at > 10.0:
+            from nats.js.errors import Error as JetStreamError
+
+            try:
+                info = await self._nc.jetstream(timeout=timeout).stream_info(
+                    stream_name(self.config.subject_prefix)
+                )
+                self._rules = read_rules(info.config.metadata)
+            except (JetStreamError, TimeoutError):
+                self._rules = (set(), [])
+            self._rules_at = now
+        exact, prefixes = self._rules
+        return [n for n in names if n in exact or any(n.startswith(p) for p in prefixes)]
+
+    async def store(
+        self, name: str, data: str | bytes, exclude: str | None, timeout: float
+    ) -> None:
+        """A publication to a room with history: stored by JetStream (acknowledged)."""
+        payload = msgpack.packb([name, data, exclude], use_bin_type=True)
+        subject = history_subject(self.config.subject_prefix, name)
+        try:
+            await self._nc.jetstream(timeout=timeout).publish(subject, payload)
+        except Exception as exc:
+            raise BusError(f"JetStream did not store the publication to {name!r}: {exc}") from None
 
     async def close(self, timeout: float) -> None:
         nc, self._nc = self._nc, None
@@ -462,7 +496,9 @@ class AsyncPublisher:
         On the embedded bus one envelope goes to the keeper (in the broker
         process), which gives each room that keeps history its next offset and
         forwards the others: a publisher does not need to know the app's rules.
-        On NATS one envelope goes on each room's topic.
+        On NATS a room that keeps history (the rules are read from the JetStream
+        stream the workers made) gets the publication stored by JetStream, the
+        others one envelope each on their topic.
         """
         for name in names:
             self.check_room(name)
@@ -476,10 +512,21 @@ class AsyncPublisher:
                 bus.TOPIC_KEEPER, Kind.PUBLISH, listed, data, exclude, self._message_id
             )
             return
-        frame = self.frame_of(data)
-        for name in names:
+        self.check_message(data)
+        if not isinstance(data, str):
+            data = bytes(data)
+        transport = self._transport
+        assert isinstance(transport, _NatsTransport)
+        kept = await transport.history_rooms(names, self.timeout)
+        for name in kept:
+            await transport.store(name, data, exclude, self.timeout)
+        others = [name for name in names if name not in kept]
+        if not others:
+            return
+        frame = OutgoingMessage.of(data).frame
+        for name in others:
             await self._publish(
-                bus.room_topic(name), Kind.ROOM, listed, frame, exclude, self._message_id
+                bus.room_topic(name), Kind.ROOM, others, frame, exclude, self._message_id
             )
 
     async def send(self, client_id: str, data: str | bytes) -> None:
