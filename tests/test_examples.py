@@ -31,6 +31,15 @@ def ws_connect(port: int, path: str = "/", **kwargs: Any) -> connect:
 
 
 async def recv_json(ws: ClientConnection, timeout: float = 2.0) -> dict[str, Any]:
+    """The next message, without the chat's room positions (``epoch``, ``offset``,
+    ``recovered``: checked by ``test_chat_resumes_a_room_after_a_reconnect``)."""
+    decoded = await recv_json_full(ws, timeout)
+    for key in ("epoch", "offset", "recovered"):
+        decoded.pop(key, None)
+    return decoded
+
+
+async def recv_json_full(ws: ClientConnection, timeout: float = 2.0) -> dict[str, Any]:
     message = await recv(ws, timeout)
     assert isinstance(message, str)
     decoded: dict[str, Any] = json.loads(message)
@@ -203,6 +212,46 @@ async def test_chat_in_process(repo_root: Path, monkeypatch: pytest.MonkeyPatch)
                 "name": "guest",
                 "event": "left",
             }
+
+
+@async_test
+async def test_chat_resumes_a_room_after_a_reconnect(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page back with ``?room=&since=`` gets what was said meanwhile, in order."""
+    app = load(repo_root, monkeypatch, "examples.chat.app")
+    server = app.build_server()
+    async with server.serve(HOST, 0):
+        port = server.port
+        async with ws_connect(port, "/?name=ann") as ann:
+            assert (await recv_json_full(ann))["type"] == "welcome"
+            joined = await recv_json_full(ann)
+            assert joined["type"] == "joined" and joined["recovered"] is None
+            await ann.send("hello")
+            said = await recv_json_full(ann)
+            # (offset joined + 1 is ann's own "joined" notice, sent to the others)
+            assert said["offset"] == joined["offset"] + 2 and said["epoch"] == joined["epoch"]
+        async with ws_connect(port, "/?name=bob") as bob:
+            for _ in range(2):
+                await recv_json(bob)  # welcome, joined
+            await bob.send("while you were away")
+            assert (await recv_json(bob))["text"] == "while you were away"
+            since = f"{said['epoch']}:{said['offset']}"
+            async with ws_connect(port, f"/?name=ann&room=lobby&since={since}") as back:
+                assert (await recv_json(back))["type"] == "welcome"
+                again = await recv_json_full(back)
+                assert again["type"] == "joined" and again["recovered"] is True
+                missed = [await recv_json_full(back) for _ in range(3)]
+                assert [m["offset"] for m in missed] == [said["offset"] + n for n in (1, 2, 3)]
+                assert [(m["type"], m["name"]) for m in missed] == [
+                    ("presence", "ann"),  # ann left
+                    ("presence", "bob"),  # bob joined
+                    ("message", "bob"),
+                ]
+                assert again["offset"] == missed[-1]["offset"]
+            async with ws_connect(port, "/?name=eve&room=lobby&since=nonsense") as eve:
+                await recv_json(eve)
+                assert (await recv_json_full(eve))["recovered"] is False
 
 
 @async_test

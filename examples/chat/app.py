@@ -1,9 +1,15 @@
 """Chat with rooms: a browser page at ``/`` and a WebSocket on the same port.
 
-Every client starts in the room ``lobby``. A text message ``/join <room>``
-moves the sender to that room; any other text goes to everyone in the
-sender's room (the sender included), on every worker. The page (``index.html``
-beside this file, plain HTML and JavaScript) is served by the handshake hook.
+Every client starts in the room ``lobby`` (or ``?room=``). A text message
+``/join <room>`` moves the sender to that room; any other text goes to everyone
+in the sender's room (the sender included), on every worker. The page
+(``index.html`` beside this file, plain HTML and JavaScript) is served by the
+handshake hook.
+
+Rooms remember their last 100 messages for 10 minutes: each message in a room
+carries its ``epoch`` and ``offset``, and a page that reconnects comes back with
+``?room=R&since=EPOCH:OFFSET`` and gets what was said meanwhile (its ``joined``
+message says ``"recovered": false`` when that cannot be).
 
     python examples/chat/app.py --host 127.0.0.1 --port 8000 [--workers N] [--bus ipc:///DIR]
 
@@ -28,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from enjent import Request, Response, WebSocketClient, WebSocketServer
+from enjent import Joined, Publication, Request, Response, WebSocketClient, WebSocketServer
 
 DEFAULT_ROOM = "lobby"
 MAX_TEXT = 2000
@@ -99,7 +105,28 @@ def build_server(*, allowed_origins: Iterable[str] = (), **options: object) -> W
     options.setdefault("client_class", ChatClient)
     options.setdefault("max_message_size", 16 * 1024)
     server = WebSocketServer(**options)  # type: ignore[arg-type]
+    server.keep_history(prefix="", size=100, ttl=600.0)
     allowed = frozenset(allowed_origins)
+
+    @server.format_publication
+    def positioned(item: Publication) -> str | bytes:
+        """A room's JSON message with its position put in (they are all JSON objects)."""
+        data = item.data
+        if not isinstance(data, str) or not data.startswith("{"):
+            return data
+        return f'{{"epoch":{json.dumps(item.epoch)},"offset":{item.offset},{data[1:]}'
+
+    @server.on_join
+    def joined(client: WebSocketClient, join: Joined) -> None:
+        client.send(
+            encode(
+                "joined",
+                room=join.room,
+                epoch=join.epoch,
+                offset=join.offset,
+                recovered=join.recovered,
+            )
+        )
 
     @server.on_handshake
     def page(request: Request) -> Response | None:
@@ -114,10 +141,9 @@ def build_server(*, allowed_origins: Iterable[str] = (), **options: object) -> W
             )
         return Response(404, "not found\n", headers=[("X-Content-Type-Options", "nosniff")])
 
-    def enter(client: ChatClient, room: str) -> None:
+    def enter(client: ChatClient, room: str, since: str | None = None) -> None:
         client.room = room
-        client.join(room)
-        client.send(encode("joined", room=room))
+        client.join(room, since=since)  # "joined" (on_join), what was missed, then live
         server.room(room).broadcast(
             encode("presence", room=room, name=client.name, event="joined"), exclude=client
         )
@@ -130,7 +156,11 @@ def build_server(*, allowed_origins: Iterable[str] = (), **options: object) -> W
     @server.on_connect
     def connected(client: ChatClient) -> None:
         client.send(encode("welcome", name=client.name, id=client.id))
-        enter(client, DEFAULT_ROOM)
+        query = client.request.query
+        room = query.get("room") or DEFAULT_ROOM
+        if not ROOM_NAME.fullmatch(room):
+            room = DEFAULT_ROOM
+        enter(client, room, query.get("since"))
 
     @server.on_message
     def message(client: ChatClient, message: str | bytes) -> None:
