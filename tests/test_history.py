@@ -647,3 +647,20 @@ def test_a_burst_during_the_replay_loses_and_duplicates_nothing(
             await watcher.close()
 
     asyncio.run(main())
+
+
+def test_history_on_nats_without_jetstream_says_so_and_exits_3() -> None:
+    from natsutil import start_nats
+
+    node, nats_port = start_nats()  # no jetstream block
+    try:
+        done = subprocess.run(
+            [sys.executable, "examples/feed.py", "--port", str(free_port()),
+             "--bus", f"nats://127.0.0.1:{nats_port}"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        node.stop()
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "need JetStream on the NATS servers (nats-server -js" in done.stderr
+    assert "Traceback" not in done.stderr

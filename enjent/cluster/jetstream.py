@@ -66,6 +66,8 @@ RULES_KEY = "enjent.rules"
 MAX_WAITING = 100_000
 #: Seconds to wait for one message of a fetch, and for a JetStream request.
 FETCH_TIMEOUT = 5.0
+#: Seconds a worker tries to make the stream while a JetStream cluster forms.
+STREAM_WAIT = 60.0
 
 
 def stream_name(prefix: str) -> str:
@@ -183,23 +185,42 @@ class JetStreamHistory:
     # ----------------------------------------------------------- lifecycle
 
     async def start(self, nc: Any) -> None:
-        """Make (or update) the stream; called once connected (again after a reconnect)."""
-        from nats.js.errors import APIError
+        """Make (or update) the stream, once connected.
+
+        Raises :class:`BusError` at once where the NATS server has no JetStream
+        (nobody answers its API: ``nats-server -js``); while a JetStream cluster
+        is forming (no leader yet) it asks again every second, for at most
+        :data:`STREAM_WAIT` seconds.
+        """
+        from nats.errors import NoRespondersError
+        from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
         js = nc.jetstream(timeout=FETCH_TIMEOUT)
         replicas = int(os.environ.get("ENJENT_HISTORY_REPLICAS", "1") or 1)
         config = stream_config(self.prefix, self.rules, replicas)
-        try:
+        deadline = time.monotonic() + STREAM_WAIT
+        while True:
             try:
-                info = await js.add_stream(config)
-            except APIError as exc:
-                if getattr(exc, "err_code", None) != 10058:  # exists with another config
-                    raise
-                info = await js.update_stream(config)
-        except Exception as exc:
-            raise BusError(
-                f"rooms that keep history need JetStream (nats-server -js): {exc}"
-            ) from None
+                try:
+                    info = await js.add_stream(config)
+                except APIError as exc:
+                    if getattr(exc, "err_code", None) != 10058:  # exists, another config
+                        raise
+                    info = await js.update_stream(config)
+                break
+            except (NoRespondersError, NoStreamResponseError, ServiceUnavailableError) as exc:
+                if getattr(exc, "description", None) and time.monotonic() < deadline:
+                    await asyncio.sleep(1.0)  # "temporarily unavailable": a cluster forming
+                    continue
+                raise BusError(
+                    "rooms that keep history need JetStream on the NATS servers "
+                    "(nats-server -js, or a jetstream block in its configuration)"
+                ) from None
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise BusError(f"JetStream did not make the history stream: {exc}") from None
+                logger.debug("JetStream not ready for the history stream yet: %s", exc)
+                await asyncio.sleep(1.0)
         self._js = js
         self.epoch = epoch_of(info)
         if self._task is None:
