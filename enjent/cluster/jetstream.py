@@ -52,6 +52,7 @@ import msgpack
 
 from ..exceptions import BusError
 from ..server.history import MAX_REPLAY, HistoryRules, Joined, Publication
+from ..server.logs import RepeatedLog
 
 if TYPE_CHECKING:
     from .natsbus import NatsEngine
@@ -66,6 +67,8 @@ RULES_KEY = "enjent.rules"
 MAX_WAITING = 100_000
 #: Seconds to wait for one message of a fetch, and for a JetStream request.
 FETCH_TIMEOUT = 5.0
+#: Publications waiting for JetStream's ack, at most (under nats-py's 4000).
+MAX_UNACKED = 3000
 #: Seconds a worker tries to make the stream while a JetStream cluster forms.
 STREAM_WAIT = 60.0
 
@@ -109,7 +112,7 @@ def read_rules(metadata: dict[str, str] | None) -> tuple[set[str], list[str]]:
     return names, prefixes
 
 
-def stream_config(prefix: str, rules: HistoryRules, replicas: int) -> Any:
+def stream_config(prefix: str, rules: HistoryRules, replicas: int, storage: str = "file") -> Any:
     from nats.js import api
 
     settings = list(rules.names.values()) + [item for _, item in rules.prefixes]
@@ -121,7 +124,7 @@ def stream_config(prefix: str, rules: HistoryRules, replicas: int) -> Any:
         max_age=max(item.ttl for item in settings),
         max_bytes=rules.max_bytes,
         max_msgs=rules.max_messages,
-        storage=api.StorageType.FILE,
+        storage=api.StorageType.MEMORY if storage == "memory" else api.StorageType.FILE,
         num_replicas=replicas,
         discard=api.DiscardPolicy.OLD,
         allow_direct=True,
@@ -177,6 +180,8 @@ class JetStreamHistory:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.counters = engine.counters
+        self._unacked = 0
+        self._failures = RepeatedLog(logger, logging.WARNING)
         #: the stream's figures as of the last room served (``enjent_history_*``)
         self.figures: dict[str, int] | None = None
         for name in ("history_published", "history_failures", "history_repairs"):
@@ -197,7 +202,10 @@ class JetStreamHistory:
 
         js = nc.jetstream(timeout=FETCH_TIMEOUT)
         replicas = int(os.environ.get("ENJENT_HISTORY_REPLICAS", "1") or 1)
-        config = stream_config(self.prefix, self.rules, replicas)
+        storage = os.environ.get("ENJENT_HISTORY_STORAGE", "file")
+        if storage not in ("file", "memory"):
+            raise BusError(f"ENJENT_HISTORY_STORAGE must be file or memory, not {storage!r}")
+        config = stream_config(self.prefix, self.rules, replicas, storage)
         deadline = time.monotonic() + STREAM_WAIT
         while True:
             try:
@@ -242,17 +250,33 @@ class JetStreamHistory:
             self.engine.queue_history(history_subject(self.prefix, name), payload)
 
     async def send(self, subject: str, payload: bytes) -> None:
-        """One publish, in order with the worker's others; the ack is checked later."""
+        """One publish, in order with the worker's others; its ack is checked when it comes.
+
+        At most :data:`MAX_UNACKED` publications wait for their ack: past that
+        (JetStream not answering) a publication is dropped and counted, never
+        queued without bound, and the worker's other messages go on.
+        """
         if self._js is None:
             raise BusError("JetStream is not ready")
-        future = await self._js.publish_async(subject, payload, wait_stall=FETCH_TIMEOUT)
+        if self._unacked >= MAX_UNACKED:
+            self.counters["history_failures"] += 1
+            self._failures(
+                "JetStream acknowledges nothing: publications to rooms with history dropped"
+            )
+            return
+        self._unacked += 1
+        # no wait_stall: never more in flight than the semaphore allows (checked above)
+        future = await self._js.publish_async(subject, payload)
         future.add_done_callback(self._acked)
 
     def _acked(self, future: asyncio.Future[Any]) -> None:
+        self._unacked -= 1
         if future.cancelled() or future.exception() is not None:
             self.counters["history_failures"] += 1
-            logger.warning("a publication to a room with history was not stored: %s",
-                           None if future.cancelled() else future.exception())  # fmt: skip
+            self._failures(
+                "a publication to a room with history was not stored: %s",
+                None if future.cancelled() else future.exception(),
+            )
         else:
             self.counters["history_published"] += 1
 
