@@ -13,13 +13,19 @@ Text commands (anything else is echoed):
 - ``presence`` / ``presence:<room>``: ``await server.fetch_clients(room=...)``,
   reply ``<total> <rows> <workers answered> <workers missing>`` (comma lists),
   or ``refused`` over the worker's presence rate limit
+
+With ``ENJENT_TEST_HISTORY=1`` rooms ``kept-*`` keep history (the multi-host
+test: JetStream on the NATS nodes); a join of one is followed by
+``position:<epoch>:<offset>:<recovered>``, and ``recover:<room>:<epoch>:<offset>``
+joins from that position (the missed publications follow the position line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 
-from enjent import BusError, WebSocketClient, WebSocketServer
+from enjent import BusError, Joined, WebSocketClient, WebSocketServer
 
 
 def build_server() -> WebSocketServer:
@@ -47,6 +53,9 @@ def build_server() -> WebSocketServer:
         elif command == "join":
             client.join(rest)
             client.send("joined")
+        elif command == "recover":
+            room, _, since = rest.partition(":")
+            client.join(room, since=since)
         elif command == "room":
             room, _, payload = rest.partition(":")
             app.room(room).broadcast(payload)
@@ -76,6 +85,13 @@ def build_server() -> WebSocketServer:
         task.add_done_callback(tasks.discard)
 
     tasks: set[asyncio.Task[None]] = set()
+    if os.environ.get("ENJENT_TEST_HISTORY") == "1":
+        app.keep_history(prefix="kept-", size=1000, ttl=600.0)
+
+        @app.on_join
+        def position(client: WebSocketClient, join: Joined) -> None:
+            client.send(f"position:{join.epoch}:{join.offset}:{join.recovered}")
+
     return app
 
 

@@ -105,6 +105,7 @@ class NatsNode(Process):
         route_port: int = 6222,
         monitor_port: int = 8222,
         prefix: Sequence[str] = (),
+        jetstream_dir: str | None = None,
     ) -> None:
         self.name, self.host = name, host
         self.client_port, self.monitor_port = client_port, monitor_port
@@ -113,6 +114,8 @@ class NatsNode(Process):
         command += ["--cluster", f"nats://{host}:{route_port}"]
         if routes:
             command += ["--routes", ",".join(routes)]
+        if jetstream_dir is not None:
+            command += ["-js", "-sd", jetstream_dir]
         super().__init__(command, prefix=prefix)
 
     @property
@@ -135,13 +138,14 @@ class EnjentHost(Process):
         workers: int = 2,
         prefix: Sequence[str] = (),
         app: str = "tests.cluster_app:server",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.host, self.port = host, port
         command = [sys.executable, "-m", "enjent", "run", app, "--host", host]
         command += ["--port", str(port), "--workers", str(workers), "--bus", bus]
-        command += ["--health-detail", "--log-level", "info"]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        super().__init__(command, prefix=prefix, env=env)
+        command += ["--health-detail", "--log-level", os.environ.get("EJ_LOG", "info")]
+        environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        super().__init__(command, prefix=prefix, env=environment)
 
     def healthz(self, timeout: float = 2.0) -> dict[str, Any]:
         return http_json(f"http://{self.host}:{self.port}/healthz", timeout)

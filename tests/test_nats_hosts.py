@@ -10,15 +10,18 @@ nats://<own node>,nats://<others>``. The clients run in a thread of this
 process that entered the clients' namespace (a network namespace is per
 thread), so every socket the test opens is inside the namespaces it made.
 
-What it shows, in order: a broadcast reaches every client of every host
+Rooms ``kept-*`` keep history in JetStream, the stream replicated on the
+three nodes. What it shows, in order: a broadcast reaches every client of every host
 exactly once; a room's traffic reaches only hosts with members (host 3's
 NATS node has no room subscription and its workers receive none of it);
 ``send(client_id)`` crosses hosts; counts and presence span hosts. Then
 host 3 is killed (SIGKILL of its nats-server and its Enjent processes):
-broadcasts still reach hosts 1 and 2 exactly once, and host 1 counts only
-their clients within 5 s. Then host 2's nats-server is killed: host 2's
-workers are reached again through host 1's node within 10 s, and every
-broadcast host 2's clients missed meanwhile is counted as a gap. Last, host
+broadcasts still reach hosts 1 and 2 exactly once, host 1 counts only
+their clients within 5 s, and a client of host 3 that comes back on host 1
+with its position gets what host 1 published to its room meanwhile. Then
+host 2's nats-server is killed: host 2's workers are reached again through
+host 1's node within 10 s, and every broadcast host 2's clients missed
+meanwhile is counted as a gap. Last, host
 2's link is down for 5 s (a partition): healed, no duplicates, no silent loss.
 """
 
@@ -31,6 +34,7 @@ import os
 import re
 import secrets
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -147,12 +151,19 @@ def three_hosts() -> Iterator[tuple[Namespaces, list[NatsNode], list[EnjentHost]
         for index, (space, address) in enumerate(zip(spaces.hosts, addresses, strict=True)):
             routes = [f"nats://{other}:6222" for other in addresses if other != address]
             prefix = ["ip", "netns", "exec", space]
-            nodes.append(NatsNode(binary, f"n{index + 1}", address, routes, prefix=prefix))
+            store = tempfile.mkdtemp(prefix=f"ejjs{index + 1}-")
+            nodes.append(
+                NatsNode(
+                    binary, f"n{index + 1}", address, routes, prefix=prefix, jetstream_dir=store
+                )
+            )
         for index, (space, address) in enumerate(zip(spaces.hosts, addresses, strict=True)):
             order = [nodes[index], *nodes[:index], *nodes[index + 1 :]]
             bus = ",".join(node.url for node in order)
             prefix = ["ip", "netns", "exec", space]
-            hosts.append(EnjentHost(address, PORT, bus, prefix=prefix))
+            # rooms kept-* keep history, in a stream with a copy on each of the 3 nodes
+            history = {"ENJENT_TEST_HISTORY": "1", "ENJENT_HISTORY_REPLICAS": "3"}
+            hosts.append(EnjentHost(address, PORT, bus, prefix=prefix, env=history))
         yield spaces, nodes, hosts
     finally:
         for process in [*hosts, *nodes]:
@@ -270,6 +281,14 @@ async def _all_hosts_are_one_server(
 async def _host_3_dies(
     nodes: list[NatsNode], hosts: list[EnjentHost], per_host: list[list[Client]]
 ) -> None:
+    # a client of host 3 and one of host 2 are in a room that keeps history
+    leaver, watcher = per_host[2][5], per_host[1][5]
+    position = []
+    for member in (watcher, leaver):
+        assert await member.request("join:kept-news") == "joined"
+        position.append(str(await member.next(20.0)))
+    epoch, offset = position[1].split(":")[1:3]
+    assert position[0].startswith(f"position:{epoch}:"), position
     nodes[2].kill()
     hosts[2].kill()
     killed = time.monotonic()
@@ -279,6 +298,30 @@ async def _host_3_dies(
     print(f"host 1 counted only hosts 1 and 2 after {time.monotonic() - killed:.2f}s")
     await per_host[1][0].ws.send("broadcast:from-h2")
     await _exactly_once(per_host[0] + per_host[1], "from-h2")
+    # meanwhile host 1 publishes 30 to the room (each tried again until the stream,
+    # whose leader may have been on host 3, stores it: the watcher sees what is stored)
+    stored: list[str] = []
+    for index in range(30):
+        for attempt in range(20):
+            text = f"k{index}-{attempt}"
+            await per_host[0][6].ws.send(f"room:kept-news:{text}")
+            with contextlib.suppress(TimeoutError):
+                while (seen := str(await watcher.next(1.0))) != text:
+                    stored.append(seen)  # a slow earlier attempt, stored after all
+                stored.append(text)
+                break
+        else:
+            raise AssertionError(f"publication {index} was never stored")
+    # the client of host 3 comes back on host 1 with its position: exactly those, in order
+    back = await _client(hosts[0])
+    await back.ws.send(f"recover:kept-news:{epoch}:{offset}")
+    line = str(await back.next(20.0))
+    assert line.startswith(f"position:{epoch}:") and line.endswith(":True"), line
+    assert [str(await back.next(5.0)) for _ in stored] == stored
+    await asyncio.sleep(0.3)
+    assert back.pending() == [] and watcher.pending() == []
+    await back.close()
+    print(f"host 3's client recovered {len(stored)} publications on host 1")
 
 
 async def _broadcast_stream(sender: Client, count: int, interval: float, tag: str) -> None:

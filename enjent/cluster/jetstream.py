@@ -181,6 +181,7 @@ class JetStreamHistory:
         self._task: asyncio.Task[None] | None = None
         self.counters = engine.counters
         self._unacked = 0
+        self._inflight: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._failures = RepeatedLog(logger, logging.WARNING)
         #: the stream's figures as of the last room served (``enjent_history_*``)
         self.figures: dict[str, int] | None = None
@@ -268,6 +269,17 @@ class JetStreamHistory:
         # no wait_stall: never more in flight than the semaphore allows (checked above)
         future = await self._js.publish_async(subject, payload)
         future.add_done_callback(self._acked)
+        self._inflight.append((time.monotonic() + FETCH_TIMEOUT, future))
+        self._expire_acks()
+
+    def _expire_acks(self) -> None:
+        """An ack that does not come within :data:`FETCH_TIMEOUT` is a failure (counted)."""
+        inflight = self._inflight
+        now = time.monotonic()
+        while inflight and (inflight[0][1].done() or inflight[0][0] < now):
+            _, future = inflight.popleft()
+            if not future.done():
+                future.cancel()  # _acked counts it
 
     def _acked(self, future: asyncio.Future[Any]) -> None:
         self._unacked -= 1
@@ -306,8 +318,10 @@ class JetStreamHistory:
 
     async def _serve_forever(self) -> None:
         while True:
-            await self._wakeup.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), 1.0)
             self._wakeup.clear()
+            self._expire_acks()
             while self._queue:
                 room = self._rooms.get(self._queue.popleft())
                 if room is None:
