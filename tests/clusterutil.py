@@ -198,8 +198,14 @@ class Cluster:
         return {worker["shard"]: worker["pid"] for worker in data["workers"]}
 
     def broker_pid(self) -> int:
+        """The child that is neither a worker nor the HTTP API (which listens on a port)."""
         workers = set(self.worker_pids().values())
-        others = [child.pid for child in self.children() if child.pid not in workers]
+        others = [
+            child.pid
+            for child in self.children()
+            if child.pid not in workers
+            and not any(c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp"))
+        ]
         assert len(others) == 1, (others, workers)
         return others[0]
 

@@ -177,7 +177,11 @@ def start_nats(config: str = "") -> tuple[Process, int]:
 
 @contextlib.contextmanager
 def cluster_on_nats(
-    config: str = "", env: dict[str, str] | None = None, *, app: str = "tests.cluster_app:server"
+    config: str = "",
+    env: dict[str, str] | None = None,
+    *,
+    app: str = "tests.cluster_app:server",
+    args: Sequence[str] = (),
 ) -> Iterator[tuple[Any, str]]:
     """``enjent run tests.cluster_app:server --workers 2 --bus nats://...`` on a nats-server of
     its own, ready; node 0 (shards 0 and 1, as the cluster helpers expect). Yields the
@@ -188,7 +192,10 @@ def cluster_on_nats(
     url = f"nats://127.0.0.1:{port}"
     try:
         with Cluster(
-            workers=2, app=app, args=["--bus", url], env={"ENJENT_NODE_ID": "0", **(env or {})}
+            workers=2,
+            app=app,
+            args=["--bus", url, *args],
+            env={"ENJENT_NODE_ID": "0", **(env or {})},
         ) as cluster:
             cluster.wait_ready()
             yield cluster, url

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -456,20 +457,49 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, str, bool
     """The feed on two workers: the embedded bus at a stable address, or NATS with
     JetStream (a nats-server -js of its own). The third item: whether offsets go by one
     (the keeper's) or only increase (JetStream's sequence, shared by every room)."""
+    api = ["--api", f"127.0.0.1:{free_port()}"]  # the HTTP publish API too
+    env = {"ENJENT_API_KEY": API_KEY, "ENJENT_DRAIN_TIMEOUT": "2"}
     if request.param == "zmq":
         directory = os.path.join(tempfile.mkdtemp(prefix="ejh-"), "bus")
         bus_url = f"ipc://{directory}"
-        args = ["--bus", bus_url, "--drain-timeout", "2"]
-        with Cluster(workers=2, app="tests.feed_app:server", args=args) as running:
+        args = ["--bus", bus_url, *api]
+        with Cluster(workers=2, app="tests.feed_app:server", args=args, env=env) as running:
             running.wait_ready()
+            running.api_port = int(api[1].rpartition(":")[2])  # type: ignore[attr-defined]
             yield running, bus_url, True
     else:
         store = tempfile.mkdtemp(prefix="ejjs-")
         config = f"jetstream {{ store_dir: {json.dumps(store)} }}\n"
-        with cluster_on_nats(
-            config, {"ENJENT_DRAIN_TIMEOUT": "2"}, app="tests.feed_app:server"
-        ) as (running, bus_url):
+        with cluster_on_nats(config, env, app="tests.feed_app:server", args=api) as (
+            running,
+            bus_url,
+        ):
+            running.api_port = int(api[1].rpartition(":")[2])
             yield running, bus_url, False
+
+
+API_KEY = "history-test-key-0123456789"
+
+
+def api_publish(port: int, body: dict[str, Any]) -> int:
+    """One POST to the HTTP API (asked again while its process is still starting)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/publish", data=json.dumps(body).encode(), method="POST"
+    )
+    request.add_header("Authorization", f"Bearer {API_KEY}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 15.0
+    while True:
+        try:
+            with opener.open(request, timeout=10) as answer:
+                return int(answer.status)
+        except (ConnectionError, urllib.error.URLError) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the HTTP API did not answer: {exc}") from None
+            time.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
@@ -502,17 +532,38 @@ def test_two_workers_recover_from_clients_and_a_publisher_on_the_other_worker(
             await miss_and_recover(
                 running.port, "news", half_and_half, worker="0", back_on="1", contiguous=contiguous
             )
-            # /metrics: the joins by outcome (every worker's, from the heartbeats), and
-            # on the embedded bus the keeper's figures (reported when they change)
-            wanted = ['enjent_cluster_history_joins_total{outcome="recovered"} 1\n']
-            if contiguous:
-                wanted += ["enjent_history_messages 31\n", "enjent_history_appended_total 31\n"]
-            for _ in range(50):
+            # the HTTP API's publications get their position like the others
+            listener = await feed(running.port, "news")
+            epoch, offset = await joined(listener, "news", None)
+            status = await asyncio.to_thread(
+                api_publish, running.api_port, {"room": "news", "data": "from-api"}
+            )
+            assert status == 200
+            got = await listener.next()
+            assert (got["type"], got["epoch"], got["data"]) == ("pub", epoch, "from-api")
+            assert got["offset"] > offset and (not contiguous or got["offset"] == offset + 1)
+            await listener.close()
+            # /metrics: the joins by outcome (every worker's, from the heartbeats; a client
+            # that landed on the wrong worker first recovered there too), and on the embedded
+            # bus the keeper's figures (reported when they change)
+            pattern = r'^enjent_cluster_history_joins_total\{outcome="recovered"\} ([1-9]\d*)$'
+            wanted = (
+                []
+                if not contiguous
+                else ["enjent_history_messages 32", "enjent_history_appended_total 32"]
+            )
+
+            def complete(text: str) -> bool:
+                lines = text.splitlines()
+                return bool(re.search(pattern, text, re.M)) and all(w in lines for w in wanted)
+
+            for _ in range(100):
                 text = await asyncio.to_thread(_get, running.port, "/metrics")
-                if all(line in text for line in wanted):
+                if complete(text):
                     break
                 await asyncio.sleep(0.1)
-            assert all(line in text for line in wanted), text[-3000:]
+            shown = [line for line in text.splitlines() if "history" in line and "#" not in line]
+            assert complete(text), shown
             # not recoverable on a cluster either: garbage, another epoch, past size and TTL
             for since in ("junk:junk", "other-epoch:1"):
                 client = await feed(running.port, "news", since)

@@ -515,6 +515,10 @@ class AsyncPublisher:
         self.check_message(data)
         if not isinstance(data, str):
             data = bytes(data)
+        if not self._started:
+            await self.start()
+        if self._closed:
+            raise BusError("this publisher is closed")
         transport = self._transport
         assert isinstance(transport, _NatsTransport)
         kept = await transport.history_rooms(names, self.timeout)
