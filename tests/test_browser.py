@@ -125,8 +125,11 @@ class Tab:
         )
         await self.page.call("Page.navigate", url=chat_url)
         deadline = time.monotonic() + 10
-        while not await self.page.evaluate("!!document.getElementById('name')"):
-            assert time.monotonic() < deadline, "the chat page has no name field"
+        # the whole page, its script included: the name field alone may be parsed before
+        # the script that handles the form (a submit then reloads the page instead)
+        ready = "document.readyState === 'complete' && !!document.getElementById('name')"
+        while not await self.page.evaluate(ready):
+            assert time.monotonic() < deadline, "the chat page did not load, or has no name field"
             await asyncio.sleep(0.05)
         # the name is typed into the page, then the join form submitted
         await self.page.evaluate(
