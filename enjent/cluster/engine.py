@@ -355,7 +355,7 @@ class BusEngine:
         now = time.monotonic()
         if len(self._replays) >= MAX_REPLAYS:
             self.counters["replay_timeouts"] += 1
-            self.hub.joined(client, _unanswered(name, since), [])
+            self.hub.joined(client, Joined.unanswered(name, since), [])
             return
         self._replay_id += 1
         replay = _Replay(client, name, since, now + REPLAY_DEADLINE)
@@ -390,7 +390,7 @@ class BusEngine:
                 del self._replays[request_id]
                 self.counters["replay_timeouts"] += 1
                 self._refusals("no answer from the history keeper for room %r", replay.room)
-                self.hub.joined(replay.client, _unanswered(replay.room, replay.since), [])
+                self.hub.joined(replay.client, Joined.unanswered(replay.room, replay.since), [])
             elif now - replay.asked_at >= REPLAY_RETRY * replay.attempts:
                 self._ask(request_id, replay)
         if self._replays:
@@ -406,7 +406,7 @@ class BusEngine:
             return  # answered already (a request asked twice), or given up
         if epoch is None:  # the keeper keeps no history of this room (other rules)
             del self._replays[int(request_id)]
-            self.hub.joined(replay.client, _unanswered(room, replay.since), [])
+            self.hub.joined(replay.client, Joined.unanswered(room, replay.since), [])
             return
         if not isinstance(epoch, str) or not isinstance(items, list):
             raise BusError("REPLAY envelope: bad epoch or items")
@@ -925,11 +925,6 @@ class BusEngine:
         if task is None or task.done():
             return False
         return time.monotonic() - self._ticked_at < 3 * self.heartbeat_interval + 1.0
-
-
-def _unanswered(room: str, since: tuple[str, int] | None) -> Joined:
-    """A join the keeper did not answer: no position, not recovered (if asked)."""
-    return Joined(room, None, None, None if since is None else False)
 
 
 def _stats(value: Any) -> dict[str, Any]:

@@ -115,13 +115,13 @@ def read_rules(metadata: dict[str, str] | None) -> tuple[set[str], list[str]]:
 def stream_config(prefix: str, rules: HistoryRules, replicas: int, storage: str = "file") -> Any:
     from nats.js import api
 
-    settings = list(rules.names.values()) + [item for _, item in rules.prefixes]
+    largest = rules.largest()
     return api.StreamConfig(
         name=stream_name(prefix),
         description="Enjent: the history of the rooms that keep one",
         subjects=[f"{prefix}.h.>"],
-        max_msgs_per_subject=max(item.size for item in settings),
-        max_age=max(item.ttl for item in settings),
+        max_msgs_per_subject=largest.size,
+        max_age=largest.ttl,
         max_bytes=rules.max_bytes,
         max_msgs=rules.max_messages,
         storage=api.StorageType.MEMORY if storage == "memory" else api.StorageType.FILE,
@@ -335,7 +335,7 @@ class JetStreamHistory:
                     logger.warning("room history: serving %r failed: %s", room.name, exc)
                     joins, room.joins = room.joins, []
                     for join in joins:  # answered without a position: live from now on
-                        self.hub.joined(join.client, _unanswered(room.name, join.since), [])
+                        self.hub.joined(join.client, Joined.unanswered(room.name, join.since), [])
                     room.cursor = None
                     self._release(room)
 
@@ -380,7 +380,7 @@ class JetStreamHistory:
         for start in sorted(starts):
             fetched[start] = missed = await self._fetch(room.subject, start, last)
             complete[start] = self._complete(start, last, missed, settings) and (
-                (state.first_seq <= start + 1 and stored < self._cap)
+                (state.first_seq <= start + 1 and stored < self.rules.largest().size)
                 or await self._still_stored(start, room.subject)
             )
         # from here on nothing awaits: the hand-over is one step
@@ -404,13 +404,6 @@ class JetStreamHistory:
             joined = Joined(room.name, self.epoch, last, recovered, len(publications))
             self.hub.joined(join.client, joined, publications)
         self._release(room)
-
-    @property
-    def _cap(self) -> int:
-        rules = self.rules
-        return max(
-            [item.size for item in rules.names.values()] + [item.size for _, item in rules.prefixes]
-        )
 
     def _behind(self, since: tuple[str, int] | None, last: int) -> bool:
         return since is not None and since[0] == self.epoch and 0 <= since[1] < last
@@ -525,7 +518,3 @@ def _payload(data: bytes) -> tuple[str, str | bytes, str | None]:
     if not isinstance(name, str) or not isinstance(payload, str | bytes):
         raise BusError("a history message has a bad room or data")
     return name, payload, exclude_id if isinstance(exclude_id, str) else None
-
-
-def _unanswered(room: str, since: tuple[str, int] | None) -> Joined:
-    return Joined(room, None, None, None if since is None else False)

@@ -411,7 +411,7 @@ class NatsEngine(BusEngine):
 
     def recover(self, client: Any, name: str, since: tuple[str, int] | None) -> None:
         if self._history is None:
-            self.hub.joined(client, Joined(name, None, None, None if since is None else False), [])
+            self.hub.joined(client, Joined.unanswered(name, since), [])
             return
         self._history.recover(client, name, since)
 

@@ -109,6 +109,15 @@ class HistoryRules:
             self.prefixes.append((prefix, settings))
             self.prefixes.sort(key=lambda item: -len(item[0]))
 
+    def largest(self) -> HistorySettings:
+        """The largest size, TTL and bytes of any rule (what a store for all rooms allows)."""
+        every = [*self.names.values(), *(settings for _, settings in self.prefixes)]
+        return HistorySettings(
+            max(item.size for item in every),
+            max(item.ttl for item in every),
+            max(item.max_bytes for item in every),
+        )
+
     def settings_of(self, name: str) -> HistorySettings | None:
         """The settings of room ``name``, or ``None`` if it keeps no history."""
         settings = self.names.get(name)
@@ -160,6 +169,11 @@ class Joined:
     offset: int | None
     recovered: bool | None
     missed: int = 0
+
+    @classmethod
+    def unanswered(cls, room: str, since: tuple[str, int] | None) -> Joined:
+        """A join whose keeper did not answer: no position, not recovered (if asked)."""
+        return cls(room, None, None, None if since is None else False)
 
 
 def parse_since(value: Any) -> tuple[str, int] | None:
